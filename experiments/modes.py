@@ -1,0 +1,77 @@
+"""What `experiments.run` does in each RunConfig.mode, given the built configs."""
+
+import os
+
+import jax
+import numpy as np
+
+from lctx import data as data_lib
+from lctx.checkpoint import Checkpointer
+from lctx.generate import generate
+from lctx.optim import make_optimizer
+from lctx.state import build
+from lctx.trainer import make_jitted_eval, run_eval, train
+from sharding.mesh import make_mesh
+
+
+def _restore_params(workdir: str, configs: dict):
+  """The model on its mesh and the parameters of the latest checkpoint in `workdir`."""
+  tx, _ = make_optimizer(configs["optimizer"], configs["train"].steps)
+  m = build(configs["model"], make_mesh(configs["mesh"]), tx)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  if ckpt.latest_step() is None:
+    raise ValueError(f"no checkpoint in {ckpt.directory}; train first (RunConfig.mode='train')")
+  step, params = ckpt.restore_params(m.abstract_params)
+  ckpt.close()
+  return m, step, params
+
+
+def run_train(workdir: str, configs: dict) -> int:
+  result = train(workdir, configs["model"], configs["data"], configs["optimizer"],
+                 configs["train"], configs["mesh"])
+  if jax.process_index() == 0:
+    ratio = result["eval_loss"] / result["unigram_loss"]
+    print(f"\nFinished step {result['step']}: eval loss {result['eval_loss']:.4f} nats/token "
+          f"(perplexity {result['eval_ppl']:.2f}) vs unigram baseline "
+          f"{result['unigram_loss']:.4f} ({ratio:.0%} of it)")
+    print(f"  config:       {os.path.join(workdir, 'config.gin')}")
+    print(f"  metrics:      {result['metrics']}")
+    print(f"  checkpoints:  {result['checkpoints']}")
+    if os.path.isdir(os.path.join(workdir, "tensorboard")):
+      print(f"  tensorboard:  {os.path.join(workdir, 'tensorboard')}")
+    print(f"  generate:     python -m experiments.run --gin_file=<same files> "
+          f"--workdir={workdir} --gin.RunConfig.mode=generate")
+  return 0
+
+
+def run_eval_mode(workdir: str, configs: dict) -> int:
+  data_cfg, train_cfg = configs["data"], configs["train"]
+  tokenizer = data_lib.make_tokenizer(data_cfg.tokenizer)
+  batches = data_lib.eval_batches(data_cfg, tokenizer, train_cfg.eval_batches)
+  m, step, params = _restore_params(workdir, configs)
+  result = run_eval(m, make_jitted_eval(m, train_cfg, data_cfg.seq_len), params, batches,
+                    data_cfg.seq_len)
+  print(f"checkpoint step {step}:")
+  for key, value in result.items():
+    print(f"  {key:>20s}  {value:.4f}")
+  return 0
+
+
+def run_generate(workdir: str, configs: dict) -> int:
+  gen = configs["generate"]
+  tokenizer = data_lib.make_tokenizer(configs["data"].tokenizer)
+  prompt = np.asarray(tokenizer.encode(gen.prompt), np.int32)
+  m, step, params = _restore_params(workdir, configs)
+  prompt_bt = np.broadcast_to(prompt, (gen.num_samples, len(prompt)))
+  with m.context():
+    tokens = generate(m.model, params, prompt_bt, jax.random.key(gen.seed),
+                      max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                      top_k=gen.top_k)
+  for i, row in enumerate(np.asarray(tokens)):
+    print(f"--- sample {i} (checkpoint step {step}, temperature {gen.temperature}, "
+          f"top_k {gen.top_k}) ---")
+    print(gen.prompt + tokenizer.decode(row))
+  return 0
+
+
+MODES = {"train": run_train, "eval": run_eval_mode, "generate": run_generate}

@@ -1,0 +1,41 @@
+"""Name -> mixer registry.
+
+A mixer is a Flax Linen module class with the constructor fields
+`config` (its own frozen config dataclass, default `cls.Config()`), `d_model`, `layer_index`,
+`dtype`, `param_dtype`, and the call signature
+`__call__(x_bte, *, positions_bt, segment_ids_bt, decode=False) -> y_bte`.
+With `decode=True` the mixer keeps whatever it needs for incremental decoding in the Flax
+"cache" collection and treats `positions_bt` as absolute positions of the new tokens.
+"""
+
+from typing import Callable, TypeVar
+
+_MIXERS: dict[str, type] = {}
+
+T = TypeVar("T", bound=type)
+
+
+def register_mixer(name: str) -> Callable[[T], T]:
+  """Class decorator registering a mixer class under `name`."""
+
+  def wrap(cls: T) -> T:
+    if name in _MIXERS and _MIXERS[name] is not cls:
+      raise ValueError(f"mixer name {name!r} is already registered to {_MIXERS[name].__name__}")
+    if not hasattr(cls, "Config"):
+      raise TypeError(f"mixer {cls.__name__} must define a nested `Config` dataclass")
+    _MIXERS[name] = cls
+    return cls
+
+  return wrap
+
+
+def get_mixer(name: str) -> type:
+  """Returns the mixer class registered as `name` (ValueError listing the names otherwise)."""
+  try:
+    return _MIXERS[name]
+  except KeyError:
+    raise ValueError(f"unknown mixer {name!r}; registered mixers: {available_mixers()}") from None
+
+
+def available_mixers() -> list[str]:
+  return sorted(_MIXERS)

@@ -1,0 +1,97 @@
+"""Model configuration: one frozen dataclass, bound by gin (see lctx/configurables.py)."""
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+import layers  # noqa: F401  (registers the built-in mixers)
+from layers.registry import available_mixers, get_mixer
+from layers.validation import check_fields
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_dtype(name: str, setting: str):
+  try:
+    return _DTYPES[name]
+  except KeyError:
+    raise ValueError(f"{setting}={name!r}: allowed values are {sorted(_DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only LM.
+
+  Attributes:
+    vocab_size: must equal the tokenizer's vocabulary size (checked at start-up).
+    d_model, num_layers, d_ff: widths and depth.
+    mixers: mixer names from layers.registry, one per layer or a single name for every layer.
+    mixer_options: mixer name -> that mixer's Config (a dict; kept as sorted pairs); a missing
+      entry uses the mixer's default Config.
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: the output head reuses the input embedding.
+    dtype: compute dtype ("float32" or "bfloat16"); logits and losses are always float32.
+    param_dtype: storage dtype of the parameters.
+    remat: rematerialize each block in the backward pass (saves activation memory).
+  """
+
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  d_ff: int = 768
+  mixers: tuple[str, ...] = ("attention",)
+  mixer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if isinstance(self.mixers, str):
+      object.__setattr__(self, "mixers", (self.mixers,))
+    check_fields(self)
+    # Stored as sorted (name, config) pairs so that the config (and modules holding it) hash.
+    object.__setattr__(self, "mixer_options", tuple(sorted(dict(self.mixer_options).items())))
+    for name in ("vocab_size", "d_model", "num_layers", "d_ff"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if len(self.mixers) not in (1, self.num_layers):
+      raise ValueError(f"ModelConfig.mixers has {len(self.mixers)} entries; give one name or "
+                       f"num_layers={self.num_layers} names")
+    for name in self.mixers:
+      if name not in available_mixers():
+        raise ValueError(f"ModelConfig.mixers: unknown mixer {name!r}; registered mixers: "
+                         f"{available_mixers()}")
+    for name, options in self.mixer_options:
+      cls = get_mixer(name) if name in available_mixers() else None
+      if cls is None:
+        raise ValueError(f"ModelConfig.mixer_options: unknown mixer {name!r}; registered "
+                         f"mixers: {available_mixers()}")
+      if not isinstance(options, cls.Config):
+        raise ValueError(f"ModelConfig.mixer_options[{name!r}] must be a {cls.Config.__name__}, "
+                         f"got {type(options).__name__}")
+    resolve_dtype(self.dtype, "ModelConfig.dtype")
+    resolve_dtype(self.param_dtype, "ModelConfig.param_dtype")
+    if self.norm_eps <= 0:
+      raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+    for name in set(self.mixers):  # resolve dims now so bad shapes fail before tracing
+      options = self.mixer_config(name)
+      if hasattr(options, "resolved_head_dim"):
+        options.resolved_head_dim(self.d_model)
+
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The mixer name of every layer."""
+    return self.mixers * self.num_layers if len(self.mixers) == 1 else self.mixers
+
+  def mixer_config(self, name: str):
+    return dict(self.mixer_options).get(name) or get_mixer(name).Config()
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def storage_dtype(self):
+    return _DTYPES[self.param_dtype]

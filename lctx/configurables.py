@@ -1,0 +1,54 @@
+"""Gin registration of lctx's config dataclasses.
+
+Gin binds the config dataclasses (never layer internals): a gin file sets
+`ModelConfig.d_model = 256`, `AttentionConfig.window = 128`, and so on. Code that needs the bound
+values calls `configured(ModelConfig)`, which builds the dataclass through gin.
+"""
+
+import dataclasses
+
+import gin
+
+from layers.registry import available_mixers, get_mixer
+from lctx.config import ModelConfig
+from lctx.data import DataConfig
+from lctx.generate import GenerateConfig
+from lctx.optim import OptimizerConfig
+from lctx.trainer import TrainConfig
+from sharding.mesh import MeshConfig
+
+# The configs an experiment is made of, by the name entry points use for them.
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
+            "train": TrainConfig, "mesh": MeshConfig, "generate": GenerateConfig}
+
+_BOUND: dict[type, type] = {}
+
+
+def register(cls: type) -> type:
+  """Registers `cls` with gin under its class name (once per process); returns the gin wrapper."""
+  if cls not in _BOUND:
+    _BOUND[cls] = gin.external_configurable(cls, name=cls.__name__)
+  return _BOUND[cls]
+
+
+def configured(cls: type):
+  """An instance of `cls` with the gin bindings applied."""
+  return register(cls)()
+
+
+def with_bound_mixer_options(model: ModelConfig) -> ModelConfig:
+  """Fills in, through gin, the Config of every mixer the model uses and did not set explicitly.
+
+  So `AttentionConfig.window = 128` in a gin file applies without also writing
+  `ModelConfig.mixer_options = {"attention": @AttentionConfig()}`.
+  """
+  options = dict(model.mixer_options)
+  for name in sorted(set(model.layer_mixers()) - set(options)):
+    options[name] = configured(get_mixer(name).Config)
+  return dataclasses.replace(model, mixer_options=options)
+
+
+for _cls in SECTIONS.values():
+  register(_cls)
+for _name in available_mixers():
+  register(get_mixer(_name).Config)

@@ -1,0 +1,66 @@
+"""Random-access document collections and the train/eval split.
+
+Every source (the stdlib corpus, text/jsonl/parquet readers) exposes its
+documents as a `Sequence[str]` whose items are loaded lazily, so building a
+pipeline only costs a listing. grain's `MapDataset.source` accepts any such
+sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+from typing import overload
+
+
+class IndexedView(Sequence[str]):
+  """A read-only view of `base` restricted to `indices`, in that order."""
+
+  def __init__(self, base: Sequence[str], indices: Sequence[int]):
+    self._base = base
+    self._indices = tuple(indices)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  @overload
+  def __getitem__(self, index: int) -> str:
+    ...
+
+  @overload
+  def __getitem__(self, index: slice) -> IndexedView:
+    ...
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return IndexedView(self._base, self._indices[index])
+    return self._base[self._indices[index]]
+
+  def __repr__(self) -> str:
+    return f"IndexedView({len(self)} of {len(self._base)} documents)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Train and held-out documents of one kind."""
+
+  train: Sequence[str]
+  eval: Sequence[str]
+
+
+def split_every_nth(docs: Sequence[str], n: int) -> Split:
+  """Holds out documents 0, n, 2n, ... for evaluation.
+
+  Index 0 is held out (rather than n-1) so that even a source with fewer than
+  n documents has an eval document, as long as it has two documents or more.
+
+  Args:
+    docs: All documents in their deterministic (sorted) order.
+    n: `DataConfig.eval_every_nth`.
+
+  Returns:
+    The split; both parts are lazy views of `docs`.
+  """
+  held_out = range(0, len(docs), n)
+  train = [i for i in range(len(docs)) if i % n != 0]
+  return Split(train=IndexedView(docs, train), eval=IndexedView(docs, held_out))

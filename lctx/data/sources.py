@@ -1,0 +1,104 @@
+"""Resolves a `DataConfig` into the document collections a pipeline reads.
+
+This is the one place that knows which documents a source trains and
+evaluates on, so that `train_iterator` and `eval_batches` agree on the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+
+from lctx.data import corpus
+from lctx.data import documents
+from lctx.data import readers
+from lctx.data.config import DataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedDocuments:
+  """Training documents of one kind and the fraction of samples they get."""
+
+  name: str
+  docs: Sequence[str]
+  weight: float
+
+
+def _user_split(cfg: DataConfig) -> documents.Split:
+  docs = readers.read_documents(cfg.source, cfg.paths, cfg.text_field)
+  return documents.split_every_nth(docs, cfg.eval_every_nth)
+
+
+def train_documents(cfg: DataConfig) -> list[WeightedDocuments]:
+  """Returns the training documents, grouped by kind, with mixing weights.
+
+  Args:
+    cfg: The data config.
+
+  Returns:
+    One entry per kind with a positive weight (weights sum to 1).
+
+  Raises:
+    ValueError: the source has no training documents.
+  """
+  if cfg.source == "stdlib":
+    kinds = []
+    # A weight of 0 would make grain's mix reject the dataset, and a kind that
+    # is never sampled should not be listed (docstrings cost a parse).
+    if cfg.long_fraction > 0:
+      kinds.append(
+          WeightedDocuments(
+              "stdlib packages",
+              corpus.long_documents(cfg.eval_every_nth).train,
+              cfg.long_fraction,
+          )
+      )
+    if cfg.long_fraction < 1:
+      kinds.append(
+          WeightedDocuments(
+              "stdlib modules and docstrings",
+              corpus.short_documents(cfg.eval_every_nth).train,
+              1.0 - cfg.long_fraction,
+          )
+      )
+  else:
+    kinds = [
+        WeightedDocuments(
+            f"{cfg.source} files", _user_split(cfg).train, 1.0
+        )
+    ]
+  for kind in kinds:
+    if not kind.docs:
+      raise ValueError(
+          f"DataConfig.eval_every_nth: holding out every"
+          f" {cfg.eval_every_nth}-th document leaves no training documents"
+          f" among the {kind.name}"
+      )
+  return kinds
+
+
+def eval_documents(cfg: DataConfig) -> Sequence[str]:
+  """Returns the held-out documents, in order.
+
+  For the stdlib source these are the held-out packages (long documents), so
+  that per-position evaluation measures long-context behaviour.
+
+  Args:
+    cfg: The data config.
+
+  Returns:
+    The held-out documents.
+
+  Raises:
+    ValueError: nothing is held out.
+  """
+  if cfg.source == "stdlib":
+    docs = corpus.long_documents(cfg.eval_every_nth).eval
+  else:
+    docs = _user_split(cfg).eval
+  if not docs:
+    raise ValueError(
+        f"DataConfig.eval_every_nth: no held-out documents for source"
+        f" {cfg.source!r}"
+    )
+  return docs

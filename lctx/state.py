@@ -1,0 +1,74 @@
+"""Building the model, its sharded train state and the jitted steps on a mesh.
+
+Parameters are born sharded: init is jitted with out_shardings derived from the parameters'
+logical axis names through sharding/rules.py.
+"""
+
+import contextlib
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lctx.config import ModelConfig
+from lctx.model import DecoderLM
+from sharding.rules import LOGICAL_AXIS_RULES, batch_sharding, logical_shardings
+
+
+@dataclasses.dataclass
+class ModelOnMesh:
+  """A model, its optimizer and mesh, with the shardings of the state and the batches."""
+
+  model: DecoderLM
+  mesh: jax.sharding.Mesh
+  tx: object
+  state_shardings: dict
+  abstract_state: dict  # ShapeDtypeStructs carrying shardings (for restoring checkpoints)
+  _init: object
+
+  @property
+  def batch_sharding(self):
+    return batch_sharding(self.mesh)
+
+  @property
+  def abstract_params(self):
+    return self.abstract_state["params"]
+
+  def init_state(self, seed: int):
+    with self.context():
+      return self._init(jax.random.key(seed))
+
+  def context(self):
+    """Mesh + logical-rules context in which the model's steps are traced."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(LOGICAL_AXIS_RULES))
+    return stack
+
+  def jit(self, fn, *, in_shardings, out_shardings, donate_argnums=()):
+    """jax.jit of `fn`, traced inside this model's mesh/rules context on every call."""
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=donate_argnums)
+
+    def call(*args):
+      with self.context():
+        return jitted(*args)
+
+    return call
+
+
+def build(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, tx) -> ModelOnMesh:
+  model = DecoderLM(model_cfg)
+
+  def init_boxed(rng):
+    params = model.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    shardings = logical_shardings(abstract_boxed, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(abstract_boxed), shardings)
+  init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)
+  return ModelOnMesh(model, mesh, tx, shardings, abstract, init)

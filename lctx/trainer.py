@@ -1,0 +1,197 @@
+"""The training loop: data, sharded state, checkpoints, metrics, evaluation, divergence checks."""
+
+import dataclasses
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from lctx import data as data_lib
+from lctx import evaluate
+from lctx.checkpoint import Checkpointer
+from lctx.config import ModelConfig
+from lctx.metrics import MetricsWriter
+from lctx.optim import OptimizerConfig, make_optimizer
+from lctx.state import ModelOnMesh, build
+from lctx.steps import make_eval_step, make_train_step
+from sharding.mesh import MeshConfig, make_mesh
+from layers.validation import check_fields
+
+log = logging.getLogger("lctx")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Attributes:
+    steps: optimizer steps in the whole run (a resumed run continues up to this step).
+    grad_accum_steps: micro-batches per step (DataConfig.batch_size must divide evenly).
+    log_every: write a train row to metrics.csv every this many steps (and at the last step).
+    eval_every: evaluate every this many steps; 0 evaluates only at the end.
+    eval_batches: held-out batches per evaluation.
+    position_buckets: equal-width document-position buckets of the per-position perplexity.
+    checkpoint_every: save every this many steps (and at the last step).
+    keep_checkpoints: how many recent checkpoints to keep.
+    unigram_batches: training batches whose byte/token frequencies define the unigram baseline.
+    seed: parameter-init seed.
+    progress_bar: show a tqdm progress bar.
+  """
+
+  steps: int = 500
+  grad_accum_steps: int = 1
+  log_every: int = 10
+  eval_every: int = 0
+  eval_batches: int = 8
+  position_buckets: int = 4
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  unigram_batches: int = 32
+  seed: int = 0
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    check_fields(self)
+    for name in ("steps", "grad_accum_steps", "log_every", "eval_batches", "position_buckets",
+                 "checkpoint_every", "keep_checkpoints", "unigram_batches"):
+      value = getattr(self, name)
+      if value < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
+    if self.eval_every < 0:
+      raise ValueError(f"TrainConfig.eval_every must be >= 0, got {self.eval_every}")
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+def check_compatible(model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
+                     train_cfg: TrainConfig, tokenizer, mesh: jax.sharding.Mesh) -> None:
+  """Cross-config checks that must fail before anything is compiled."""
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"ModelConfig.vocab_size={model_cfg.vocab_size} is smaller than the "
+                     f"tokenizer's vocabulary ({tokenizer.vocab_size}, DataConfig.tokenizer="
+                     f"{data_cfg.tokenizer!r})")
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  per_micro = data_cfg.batch_size // train_cfg.grad_accum_steps
+  if data_cfg.batch_size % train_cfg.grad_accum_steps or per_micro % dp:
+    raise ValueError(f"DataConfig.batch_size={data_cfg.batch_size} must split into "
+                     f"TrainConfig.grad_accum_steps={train_cfg.grad_accum_steps} micro-batches "
+                     f"whose size divides the data-parallel degree {dp} (data x fsdp)")
+  if data_cfg.seq_len % mesh.shape["seq"]:
+    raise ValueError(f"DataConfig.seq_len={data_cfg.seq_len} is not divisible by the sequence-"
+                     f"parallel degree MeshConfig.seq={mesh.shape['seq']}")
+
+
+def global_batch(m: ModelOnMesh, local_batch: dict) -> dict:
+  """Assembles this process's rows into global arrays sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(m.batch_sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def run_eval(m: ModelOnMesh, eval_step, params, batches, seq_len: int) -> dict[str, float]:
+  ce_sum, count = 0.0, 0.0
+  for batch in batches:
+    s, c = eval_step(params, global_batch(m, batch))
+    ce_sum, count = ce_sum + np.asarray(s), count + np.asarray(c)
+  return evaluate.summarize(ce_sum, count, seq_len)
+
+
+def make_jitted_eval(m: ModelOnMesh, train_cfg: TrainConfig, seq_len: int):
+  return m.jit(make_eval_step(m.model, train_cfg.position_buckets, seq_len),
+               in_shardings=(m.state_shardings["params"], m.batch_sharding), out_shardings=None)
+
+
+def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
+          opt_cfg: OptimizerConfig, train_cfg: TrainConfig, mesh_cfg: MeshConfig) -> dict:
+  """Trains (or resumes) in `workdir`; returns the final evaluation and the unigram baseline."""
+  tokenizer = data_lib.make_tokenizer(data_cfg.tokenizer)
+  mesh = make_mesh(mesh_cfg)
+  check_compatible(model_cfg, data_cfg, train_cfg, tokenizer, mesh)
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  data_iter = data_lib.train_iterator(data_cfg, tokenizer, **shard)
+  eval_data = data_lib.eval_batches(data_cfg, tokenizer, train_cfg.eval_batches)
+
+  tx, schedule = make_optimizer(opt_cfg, train_cfg.steps)
+  m = build(model_cfg, mesh, tx)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is None:
+    start, state = 0, m.init_state(train_cfg.seed)
+  else:
+    start, state, data_state = ckpt.restore(m.abstract_state)
+    data_iter.set_state(data_state)
+    print(f"Resuming from the checkpoint at step {start} in {ckpt.directory}")
+
+  buckets = evaluate.bucket_edges(data_cfg.seq_len, train_cfg.position_buckets)
+  metrics = MetricsWriter(workdir, tuple(evaluate.bucket_column(lo, hi) for lo, hi in buckets),
+                          resume_step=start)
+  sample_iter = data_lib.train_iterator(data_cfg, tokenizer, **shard)
+  counts = evaluate.unigram_counts((next(sample_iter) for _ in range(train_cfg.unigram_batches)),
+                                   tokenizer.vocab_size)
+  unigram = evaluate.unigram_loss(counts, eval_data)
+  print(f"Unigram baseline (token frequencies of {train_cfg.unigram_batches} training batches, "
+        f"scored on the eval set): {unigram:.4f} nats/token")
+
+  train_step = m.jit(make_train_step(m.model, tx, schedule, train_cfg.grad_accum_steps),
+                     in_shardings=(m.state_shardings, m.batch_sharding),
+                     out_shardings=(m.state_shardings, None), donate_argnums=(0,))
+  eval_step = make_jitted_eval(m, train_cfg, data_cfg.seq_len)
+
+  tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
+  pending: list[tuple[int, dict]] = []
+  last_time, last_step = time.perf_counter(), start
+  last_good = start if start else None
+  final_eval = None
+  bar = tqdm(total=train_cfg.steps, initial=start, desc="train", unit="step",
+             disable=not train_cfg.progress_bar or jax.process_index() != 0)
+  try:
+    for step in range(start + 1, train_cfg.steps + 1):
+      state, step_metrics = train_step(state, global_batch(m, next(data_iter)))
+      pending.append((step, step_metrics))
+      bar.update(1)
+      is_last = step == train_cfg.steps
+      do_eval = is_last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)
+      do_ckpt = is_last or step % train_cfg.checkpoint_every == 0
+      if not (is_last or do_eval or do_ckpt or step % train_cfg.log_every == 0):
+        continue
+      # Metrics are fetched only here, so steps between logs run without host syncs; every
+      # fetched loss is checked before anything is saved.
+      fetched = [(s, jax.device_get(mm)) for s, mm in pending]
+      pending.clear()
+      for s, mm in fetched:
+        if not math.isfinite(float(mm["loss"])):
+          where = (f"the last good checkpoint (step {last_good}) in {ckpt.directory} is kept"
+                   if last_good else "no checkpoint had been saved yet")
+          raise TrainingDiverged(
+              f"loss is {float(mm['loss'])} at step {s}: training stopped; {where}. Lower "
+              f"OptimizerConfig.learning_rate (now {opt_cfg.learning_rate}) or enable "
+              f"OptimizerConfig.clip_norm.")
+      now = time.perf_counter()
+      if is_last or step % train_cfg.log_every == 0:
+        mm = fetched[-1][1]
+        row = {"loss": float(mm["loss"]), "learning_rate": float(mm["learning_rate"]),
+               "grad_norm": float(mm["grad_norm"]),
+               "tokens_per_s": tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)}
+        metrics.write("train", step, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        last_time, last_step = now, step
+      if do_eval:
+        final_eval = run_eval(m, eval_step, state["params"], eval_data, data_cfg.seq_len)
+        metrics.write("eval", step, final_eval)
+        bar.write(f"step {step}: eval loss {final_eval['eval_loss']:.4f} "
+                  f"(ppl {final_eval['eval_ppl']:.2f}; unigram baseline {unigram:.4f})")
+      if do_ckpt:
+        ckpt.save(step, state, data_iter.get_state())
+        last_good = step
+      last_time = time.perf_counter() if (do_eval or do_ckpt) else last_time
+  finally:
+    bar.close()
+    metrics.close()
+    ckpt.close()
+  if final_eval is None:  # the run had already finished: evaluate the final checkpoint
+    final_eval = run_eval(m, eval_step, state["params"], eval_data, data_cfg.seq_len)
+  return {"step": train_cfg.steps, "unigram_loss": unigram, **final_eval,
+          "checkpoints": ckpt.directory, "metrics": metrics.path}
