@@ -19,7 +19,6 @@ import sys
 import gin
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIN_ROOT = os.path.join(REPO_ROOT, "gin")
 MODES = ("train", "eval", "generate")
 
 
@@ -67,11 +66,18 @@ def load_configs(gin_files: list[str], bindings: list[str]) -> dict:
 
   configurables.register(RunConfig)
   gin.clear_config()
-  gin.add_config_file_search_path(GIN_ROOT)
+  # Includes are written relative to the repository root (`include 'gin/models/tiny.gin'`);
+  # the search path makes them resolve from any working directory.
+  if REPO_ROOT not in gin.config._LOCATION_PREFIXES:  # no public getter for the search path
+    gin.add_config_file_search_path(REPO_ROOT)
+  if not gin_files:
+    raise ValueError("--gin_file: give at least one gin file, e.g. gin/quickstart.gin")
+  files = []
   for path in gin_files:
-    if not os.path.exists(path) and not os.path.exists(os.path.join(GIN_ROOT, path)):
-      raise ValueError(f"--gin_file={path}: no such file (looked in . and {GIN_ROOT})")
-  files = [p if os.path.exists(p) else os.path.join(GIN_ROOT, p) for p in gin_files]
+    found = [p for p in (path, os.path.join(REPO_ROOT, path)) if os.path.exists(p)]
+    if not found:
+      raise ValueError(f"--gin_file={path}: no such file (looked in . and {REPO_ROOT})")
+    files.append(os.path.abspath(found[0]))
   try:
     gin.parse_config_files_and_bindings(files, bindings)
   except (ValueError, SyntaxError, KeyError, IOError) as e:
@@ -104,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
       f.write(gin.operative_config_str())
 
   from experiments import modes  # heavy imports (jax) only after the config is known good
+  from lctx.trainer import TrainingDiverged
   try:
     return modes.MODES[mode](workdir, configs)
   except ValueError as e:  # user-caused errors found before compiling (e.g. data paths)
     print(f"lctx: error: {e}", file=sys.stderr)
     return 2
+  except TrainingDiverged as e:
+    print(f"lctx: training diverged: {e}", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

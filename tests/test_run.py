@@ -1,0 +1,106 @@
+"""The entry point: gin errors, the operative config, and the train / eval / generate modes."""
+
+import csv
+import os
+
+import pytest
+
+from experiments.run import binding_from_flag
+from tests import cli
+
+
+def test_flag_values_become_gin_bindings():
+  assert binding_from_flag("RunConfig.mode", "generate") == "RunConfig.mode = 'generate'"
+  assert binding_from_flag("X.y", "3") == "X.y = 3"
+  assert binding_from_flag("X.y", "'s'") == "X.y = 's'"
+  assert binding_from_flag("X.y", "None") == "X.y = None"
+  assert binding_from_flag("X.y", "[1, 2]") == "X.y = [1, 2]"
+  assert binding_from_flag("X.y", "@AttentionConfig()") == "X.y = @AttentionConfig()"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--gin.TrainConfig.stepz=3"], "Configurable 'TrainConfig' doesn't have a parameter named "
+                                    "'stepz'"),
+    (["--gin.NoSuchConfig.x=3"], "No configurable matching 'NoSuchConfig'"),
+    (["--gin.ModelConfig.d_model=-4"], "ModelConfig.d_model must be >= 1"),
+    (["--gin.OptimizerConfig.learning_rate=fast"], "OptimizerConfig.learning_rate='fast' must "
+                                                   "be float"),
+    (["--gin.AttentionConfig.num_kv_heads=3"], "AttentionConfig.num_kv_heads=3 must be >= 1 "
+                                               "and divide"),
+    (["--gin.RunConfig.mode=serve"], "RunConfig.mode='serve': allowed values"),
+    (["--gin.MeshConfig.data=3"], "MeshConfig(data, fsdp, seq, tensor)=(3, 1, 1, 1) does not "
+                                  "divide the 1 available devices"),
+    (["--gin_file=gin/nope.gin"], "--gin_file=gin/nope.gin: no such file"),
+    (["--gin.DataConfig.source=jsonl", "--gin.DataConfig.paths=['/no/such.jsonl']"],
+     "/no/such.jsonl"),
+])
+def test_bad_settings_exit_with_a_message_naming_them(tmp_path, extra, message):
+  proc = cli.run(tmp_path / "w", *extra, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  proc = cli.run(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc.stdout
+
+
+def test_train_writes_config_metrics_and_checkpoints(trained):
+  workdir, stdout = trained
+  config = (workdir / "config.gin").read_text()
+  assert "ModelConfig.d_model = 32" in config and "DataConfig.seq_len = %SEQ_LEN" in config
+  with open(workdir / "metrics.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  train_rows = [r for r in rows if r["kind"] == "train"]
+  eval_rows = [r for r in rows if r["kind"] == "eval"]
+  assert [int(r["step"]) for r in train_rows] == list(range(2, 25, 2))
+  assert [int(r["step"]) for r in eval_rows] == [8, 16, 24]
+  assert all(float(r["tokens_per_s"]) > 0 and float(r["grad_norm"]) > 0 for r in train_rows)
+  assert float(train_rows[-1]["loss"]) < float(train_rows[0]["loss"])
+  buckets = [c for c in eval_rows[0] if c.startswith("ppl_pos_")]
+  assert buckets == ["ppl_pos_0_8", "ppl_pos_8_16", "ppl_pos_16_24", "ppl_pos_24_32"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["16", "20", "24"]  # keep_checkpoints=3
+  assert "Unigram baseline" in stdout and "Finished step 24" in stdout
+
+
+def test_eval_mode_reproduces_the_final_eval(trained):
+  workdir, _ = trained
+  proc = cli.run(workdir, "--gin.RunConfig.mode=eval")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "metrics.csv", newline="") as f:
+    last_eval = [r for r in csv.DictReader(f) if r["kind"] == "eval"][-1]
+  line = [l for l in proc.stdout.splitlines() if l.strip().startswith("eval_loss")][0]
+  assert abs(float(line.split()[-1]) - float(last_eval["eval_loss"])) < 1e-3
+
+
+def test_generate_mode_prints_continuations(trained):
+  workdir, _ = trained
+  proc = cli.run(workdir, "--gin.RunConfig.mode=generate", "--gin.GenerateConfig.prompt='def f('",
+                 "--gin.GenerateConfig.max_new_tokens=20", "--gin.GenerateConfig.temperature=0.8",
+                 "--gin.GenerateConfig.top_k=20", "--gin.GenerateConfig.num_samples=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("--- sample") == 2
+  assert proc.stdout.count("def f(") >= 2
+
+
+def test_generate_without_checkpoint_is_a_clear_error(tmp_path):
+  proc = cli.run(tmp_path, "--gin.RunConfig.mode=generate")
+  assert proc.returncode == 2
+  assert "no checkpoint in" in proc.stderr and "train first" in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  proc = cli.run(tmp_path, "--gin.OptimizerConfig.learning_rate=1e30",
+                 "--gin.OptimizerConfig.warmup_steps=0", "--gin.OptimizerConfig.clip_norm=0.0",
+                 "--gin.TrainConfig.checkpoint_every=1", "--gin.TrainConfig.log_every=1")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert "training diverged: loss is" in proc.stderr
+  kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  bad_step = int(proc.stderr.split(" at step ")[1].split(":")[0])
+  assert kept and max(kept) < bad_step
+  assert f"last good checkpoint (step {max(kept)})" in proc.stderr
