@@ -38,8 +38,15 @@ def test_paths_lists_become_tuples():
         ({"long_fraction": 1.5}, r"DataConfig\.long_fraction: must be in \[0, 1\]"),
         ({"long_fraction": -0.1}, r"DataConfig\.long_fraction"),
         ({"seed": -1}, r"DataConfig\.seed: must be >= 0"),
+        ({"piece_chars": -1}, r"DataConfig\.piece_chars: must be >= 0, got -1"),
+        ({"piece_chars": 2.5}, r"DataConfig\.piece_chars: expected an int"),
     ],
 )
 def test_invalid_settings(kwargs, match):
   with pytest.raises(ValueError, match=match):
     DataConfig(**kwargs)
+
+
+def test_piece_length_defaults_to_four_rows():
+  assert DataConfig(seq_len=256).piece_length == 1024
+  assert DataConfig(seq_len=256, piece_chars=300).piece_length == 300

@@ -3,9 +3,11 @@
 import ast
 import os
 
+import numpy as np
 import pytest
 
 from lctx.data import corpus
+from lctx.data import documents
 
 
 @pytest.fixture(name="fake_stdlib")
@@ -122,3 +124,37 @@ def test_real_stdlib_short_documents():
   assert all(len(d) >= corpus.MIN_DOCSTRING_CHARS for d in docstrings)
   with open(os.path.join(root, modules[0]), encoding="utf-8") as f:
     assert short.eval[0] == f.read()  # Index 0 is held out.
+
+
+def _check_ranges(docs, rng):
+  """char_lengths and read_range agree with the full documents."""
+  lengths = docs.char_lengths()
+  for index in range(len(docs)):
+    text = docs[index]
+    assert lengths[index] == len(text)
+    for start, stop in [(0, len(text)), (len(text) - 3, len(text) + 10), (5, 5)] + [
+        tuple(sorted(rng.integers(0, len(text) + 1, size=2))) for _ in range(5)
+    ]:
+      assert docs.read_range(index, start, stop) == text[start:stop], (index, start, stop)
+
+
+def test_package_lengths_and_ranges(fake_stdlib):
+  rng = np.random.default_rng(0)
+  _check_ranges(corpus.PackageDocuments(fake_stdlib), rng)
+  real = corpus.PackageDocuments(corpus.stdlib_root())
+  np.testing.assert_array_equal(real.char_lengths(), [len(d) for d in real])
+  names = real.names()
+  for name in ("json", "email"):
+    doc = real[names.index(name)]
+    for start in rng.integers(0, len(doc), size=20):
+      stop = int(start) + int(rng.integers(1, 3000))
+      assert real.read_range(names.index(name), int(start), stop) == doc[start:stop]
+
+
+def test_short_document_lengths(fake_stdlib):
+  short = corpus.ShortDocuments(fake_stdlib)
+  np.testing.assert_array_equal(short.char_lengths(), [len(d) for d in short])
+  split = corpus.short_documents(20)
+  np.testing.assert_array_equal(
+      documents.char_lengths(split.train), [len(d) for d in split.train]
+  )

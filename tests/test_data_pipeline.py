@@ -101,14 +101,32 @@ def test_training_stream_is_shuffled_epochs_of_whole_documents(tmp_path):
   assert set(doc_starts) <= seg_starts <= set(doc_starts) | row_starts
 
 
-def test_long_document_pieces_restart_positions(tmp_path):
-  docs = _make_docs(4, min_len=300, max_len=301)
-  cfg = _jsonl_cfg(tmp_path, docs, eval_every_nth=4, batch_size=2)
-  batch = next(train_iterator(cfg, TOK))
-  _check_structure(batch, 64, 2)
-  # Documents are ~305 tokens: the first rows hold one piece each.
-  np.testing.assert_array_equal(batch["segment_ids"], np.ones((2, 64)))
-  np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(64), (2, 1)))
+def _alphabet_docs(n, length, seed=0):
+  """Documents whose letters identify them: document k uses only 'a'+3k..'c'+3k."""
+  rng = np.random.default_rng(seed)
+  return ["".join(rng.choice(list(chr(97 + 3 * k + j) for j in range(3)), size=length)) for k in range(n)]
+
+
+def test_neighbouring_rows_come_from_different_documents(tmp_path):
+  # 8 training documents of 32 pieces each; with piece_chars == seq_len and
+  # byte tokens every row is exactly one piece.
+  docs = _alphabet_docs(9, 32 * 64)
+  cfg = _jsonl_cfg(tmp_path, docs, eval_every_nth=9, piece_chars=64)
+  it = train_iterator(cfg, TOK)
+  batches = [next(it) for _ in range(16)]
+  rows = np.concatenate([b["tokens"] for b in batches])
+  for batch in batches:
+    np.testing.assert_array_equal(batch["segment_ids"], np.ones((4, 64)))
+    np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(64), (4, 1)))
+  owners = (rows[:, 0] - 97) // 3
+  for row, k in zip(rows, owners):
+    text = row.astype(np.uint8).tobytes().decode()
+    assert 1 <= k <= 8 and docs[k].find(text) % 64 == 0, "a row is an aligned slice"
+  same = int((owners[1:] == owners[:-1]).sum())
+  # Under a uniform shuffle of the 256 pieces, each of the 63 neighbour pairs
+  # shares a document with p = 31/255; the count has mean 7.7 and sd ~2.6.
+  # 20 is ~5 sd above the mean; packing whole documents would give >= 61.
+  assert same <= 20, same
 
 
 def test_eval_is_deterministic_in_order_padded_and_cycled(tmp_path):
@@ -189,18 +207,6 @@ def test_state_restores_exactly_after_json(tmp_path, k):
   _assert_same([next(it) for _ in range(6)], expected)
 
 
-def test_state_restores_exactly_on_stdlib():
-  cfg = DataConfig(seq_len=128, batch_size=4, seed=5)
-  it = train_iterator(cfg, TOK)
-  for _ in range(25):
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(10)]
-  fresh = train_iterator(cfg, TOK)
-  fresh.set_state(state)
-  _assert_same([next(fresh) for _ in range(10)], expected)
-
-
 def test_seed_controls_order(tmp_path):
   docs = _make_docs(20)
   first = [next(train_iterator(_jsonl_cfg(tmp_path, docs, seed=s), TOK)) for s in (0, 0, 1)]
@@ -243,7 +249,7 @@ def test_errors_are_raised_when_building(tmp_path):
 
 
 def test_empty_documents(tmp_path):
-  # Empty documents are skipped; they never make an empty segment.
+  # Empty documents have no pieces; they never make an empty segment.
   docs = _make_docs(9)
   docs[3] = docs[5] = ""
   it = train_iterator(_jsonl_cfg(tmp_path, docs, eval_every_nth=4), TOK)
@@ -252,24 +258,27 @@ def test_empty_documents(tmp_path):
   cfg = _jsonl_cfg(tmp_path, ["", "some text", "more text"], eval_every_nth=5)
   with pytest.raises(ValueError, match=r"held-out documents .* contain no tokens"):
     eval_batches(cfg, TOK, 1)
-  # Training documents without tokens can only be found while iterating.
+  # Training documents without text fail when the pipeline is built, also
+  # when only one shard's are empty (on every host).
   cfg = _jsonl_cfg(tmp_path, ["held out", "", ""], eval_every_nth=5)
-  with pytest.raises(ValueError, match=r"have no tokens"):
-    next(train_iterator(cfg, TOK))
+  with pytest.raises(ValueError, match=r"training documents among the jsonl files are all empty"):
+    train_iterator(cfg, TOK)
+  cfg = _jsonl_cfg(tmp_path, ["held out", "a", "", "b", ""], eval_every_nth=5, batch_size=2)
+  with pytest.raises(ValueError, match=r"training documents of shard 1 of 2 .* are all empty"):
+    train_iterator(cfg, TOK, shard_index=0, shard_count=2)
 
 
-@pytest.mark.parametrize("long_fraction", [0.0, 0.5, 1.0])
-def test_stdlib_batches(long_fraction):
-  cfg = DataConfig(seq_len=256, batch_size=16, long_fraction=long_fraction)
-  it = train_iterator(cfg, TOK)
-  for _ in range(5):
-    _check_structure(next(it), 256, 16)
-
-
-def test_stdlib_eval_uses_held_out_packages():
-  cfg = DataConfig(seq_len=128, batch_size=2)
+def test_eval_rows_are_spread_over_the_held_out_stream(tmp_path):
+  docs = _make_docs(40, seed=4)
+  cfg = _jsonl_cfg(tmp_path, docs, eval_every_nth=2, batch_size=2, seq_len=32)
+  held_out = "".join(docs[0::2]).encode()
+  num_rows = -(-len(held_out) // 32)
+  everything = eval_batches(cfg, TOK, num_rows)  # >= one pass: all rows in order.
+  all_rows = np.concatenate([b["tokens"] for b in everything])[:num_rows]
   batches = eval_batches(cfg, TOK, 3)
-  for batch in batches:
-    _check_structure(batch, 128, 2)
-  text = TOK.decode(batches[0]["tokens"][0])
-  assert text.startswith("# file: ") and "/__init__.py\n" in text
+  picked = np.concatenate([b["tokens"] for b in batches])
+  expected = [i * num_rows // 6 for i in range(6)]
+  np.testing.assert_array_equal(picked, all_rows[expected])
+  # Rows from the start, middle and end: held-out documents all over the set.
+  owners = {int(_MARK.findall(held_out[: 32 * r + 5])[-1]) for r in expected}
+  assert len(owners) == 6 and max(owners) >= 30

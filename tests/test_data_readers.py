@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -124,3 +125,21 @@ def test_not_a_parquet_file(tmp_path):
 def test_unknown_file_source():
   with pytest.raises(ValueError, match=r"DataConfig\.source"):
     readers.read_documents("stdlib", ["x"])
+
+
+def test_char_lengths_count_characters(tmp_path):
+  (tmp_path / "a.txt").write_text("naïve\n")
+  (tmp_path / "b.txt").write_text("xy")
+  text = readers.read_documents("text", [str(tmp_path / "*.txt")])
+  np.testing.assert_array_equal(text.char_lengths(), [6, 2])
+  path = _write_jsonl(tmp_path / "d.jsonl", [{"t": "fünf"}, {"t": None}, {"t": "ab"}])
+  other = _write_jsonl(tmp_path / "e.jsonl", [{"t": "xyz"}])
+  jsonl = readers.read_documents("jsonl", [path, other], text_field="t")
+  np.testing.assert_array_equal(jsonl.char_lengths(), [4, 0, 2, 3])
+  pq.write_table(pa.table({"t": ["é", None, "abc"]}), tmp_path / "p.parquet")
+  parquet = readers.read_documents("parquet", [str(tmp_path / "p.parquet")], text_field="t")
+  np.testing.assert_array_equal(parquet.char_lengths(), [1, 0, 3])
+  # A bad record fails the length scan (the pipeline build), not later.
+  bad = _write_jsonl(tmp_path / "bad.jsonl", [{"t": "ok"}, {"u": 1}])
+  with pytest.raises(ValueError, match=r"no field 't' in record 2"):
+    readers.read_documents("jsonl", [bad], text_field="t").char_lengths()

@@ -29,8 +29,17 @@ class DataConfig:
       ``tokenizer.json`` file.
     seq_len: Tokens per packed row.
     batch_size: Global batch size in rows (summed over all shards).
-    long_fraction: stdlib only: fraction of sampled training documents that
-      are long (whole packages) rather than short (modules, docstrings).
+    long_fraction: stdlib only: expected fraction of the training tokens
+      (measured in characters, which the byte tokenizer makes nearly exact)
+      that come from long documents (whole packages) rather than short ones
+      (modules, docstrings); the token share that long-context data recipes
+      such as ProLong specify.
+    piece_chars: Training documents are cut into pieces of this many
+      characters (consecutive windows; the last one may be shorter) and the
+      pieces of the whole corpus are shuffled, so that neighbouring rows and
+      the rows of a batch come from different documents while each piece
+      still holds contiguous long text. 0 means ``4 * seq_len``. Must be
+      >= 0.
     eval_every_nth: Every n-th document in sorted order (indices 0, n, 2n, ...)
       is held out for evaluation; the rest is used for training.
     document_mask: If True, packed documents get distinct segment ids and
@@ -46,6 +55,7 @@ class DataConfig:
   seq_len: int = 256
   batch_size: int = 8
   long_fraction: float = 0.5
+  piece_chars: int = 0
   eval_every_nth: int = 20
   document_mask: bool = True
   seed: int = 0
@@ -82,11 +92,19 @@ class DataConfig:
     # 1 would hold out every document and leave nothing to train on.
     _check_int("eval_every_nth", self.eval_every_nth, minimum=2)
     _check_int("seed", self.seed, minimum=0)
+    _check_int("piece_chars", self.piece_chars, minimum=0)
     if not 0.0 <= self.long_fraction <= 1.0:
       raise ValueError(
           "DataConfig.long_fraction: must be in [0, 1], got"
           f" {self.long_fraction!r}"
       )
+
+  @property
+  def piece_length(self) -> int:
+    """Characters per training piece: `piece_chars`, or 4 * seq_len if 0."""
+    # Four rows' worth keeps most rows one contiguous text yet gives a batch
+    # of rows many independent draws.
+    return self.piece_chars or 4 * self.seq_len
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

@@ -4,6 +4,11 @@ Every source (the stdlib corpus, text/jsonl/parquet readers) exposes its
 documents as a `Sequence[str]` whose items are loaded lazily, so building a
 pipeline only costs a listing. grain's `MapDataset.source` accepts any such
 sequence.
+
+Two optional methods let a collection answer faster than by loading whole
+documents: ``char_lengths()`` (the length of every document, in characters)
+and ``read_range(index, start, stop)`` (``docs[index][start:stop]``). The
+module functions `char_lengths` and `read_range` use them when present.
 """
 
 from __future__ import annotations
@@ -11,6 +16,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 from typing import overload
+
+import numpy as np
+
+
+def char_lengths(docs: Sequence[str]) -> np.ndarray:
+  """Returns the length in characters of every document of `docs`.
+
+  Args:
+    docs: A document collection.
+
+  Returns:
+    int64 array of shape [len(docs)].
+  """
+  method = getattr(docs, "char_lengths", None)
+  if method is not None:
+    return np.asarray(method(), dtype=np.int64)
+  return np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+
+
+def read_range(docs: Sequence[str], index: int, start: int, stop: int) -> str:
+  """Returns ``docs[index][start:stop]``, without loading more if possible."""
+  method = getattr(docs, "read_range", None)
+  if method is not None:
+    return method(index, start, stop)
+  return docs[index][start:stop]
 
 
 class IndexedView(Sequence[str]):
@@ -35,6 +65,14 @@ class IndexedView(Sequence[str]):
     if isinstance(index, slice):
       return IndexedView(self._base, self._indices[index])
     return self._base[self._indices[index]]
+
+  def char_lengths(self) -> np.ndarray:
+    """Lengths of the viewed documents, from the base collection's lengths."""
+    return char_lengths(self._base)[np.asarray(self._indices, dtype=np.int64)]
+
+  def read_range(self, index: int, start: int, stop: int) -> str:
+    """``self[index][start:stop]``, read through the base collection."""
+    return read_range(self._base, self._indices[index], start, stop)
 
   def __repr__(self) -> str:
     return f"IndexedView({len(self)} of {len(self._base)} documents)"

@@ -80,12 +80,25 @@ def pack(
   Returns:
     Dataset of rows with keys tokens, tokens_segment_ids, tokens_positions.
   """
-  rows = docs.map(Tokenize(tokenizer))
+  return pack_tokens(
+      docs.map(Tokenize(tokenizer)),
+      seq_len,
+      max_consecutive_empty=max_consecutive_empty,
+  )
+
+
+def pack_tokens(
+    docs: grain.MapDataset,
+    seq_len: int,
+    *,
+    max_consecutive_empty: int | None = None,
+) -> grain.IterDataset:
+  """Like `pack`, for documents already tokenized into {"tokens": array}."""
   # Synchronous reads: a document is read and tokenized in ~1 ms and feeds
   # many rows, while grain's default 16 reader threads would buffer up to 500
   # tokenized documents (hundreds of MB of stdlib packages) and contend for
   # the GIL with the training loop.
-  rows = rows.to_iter_dataset(
+  rows = docs.to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   )
   rows = rows.filter(NonEmpty(max_consecutive_empty))

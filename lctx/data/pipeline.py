@@ -8,16 +8,22 @@ Every batch is a dict of int32 numpy arrays of shape [rows, seq_len]:
 * ``positions``: position within the segment, 0 at each segment start and on
   padding. With ``document_mask=False``: ``arange(seq_len)``.
 
-Training streams never pad (documents are concatenated end to end); eval
-batches can pad the last row of the held-out set.
+Training cuts every document into pieces (see `lctx.data.pieces`), shuffles
+the pieces of the whole corpus and packs them end to end, so training rows
+are never padded. Eval packs the held-out documents in order and takes rows
+spread evenly over that stream; its last row may be padded.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import grain
 import numpy as np
 
+from lctx.data import documents
 from lctx.data import packing
+from lctx.data import pieces
 from lctx.data import sources
 from lctx.data.config import DataConfig
 from lctx.data.tokenizers import Tokenizer
@@ -35,6 +41,104 @@ def _seed(cfg_seed: int, stream: int) -> int:
   return int(np.random.SeedSequence([cfg_seed, stream]).generate_state(1)[0])
 
 
+def _check_shard(shard_index: int, shard_count: int) -> None:
+  if shard_count < 1 or not 0 <= shard_index < shard_count:
+    raise ValueError(
+        f"train_iterator: need 0 <= shard_index < shard_count, got"
+        f" shard_index={shard_index}, shard_count={shard_count}"
+    )
+
+
+class TrainingPieces(NamedTuple):
+  """The shuffled, mixed training pieces of one shard, before packing.
+
+  Attributes:
+    dataset: Infinite grain `MapDataset` of ``(kind index, piece text)``.
+    kind_names: Name of each kind of document, by kind index.
+    max_consecutive_empty: Draws after which a run of pieces without tokens
+      means every piece is empty (see `packing.NonEmpty`).
+  """
+
+  dataset: grain.MapDataset
+  kind_names: tuple[str, ...]
+  max_consecutive_empty: int
+
+
+class _Tag:
+  """grain map: piece text -> (kind index, text)."""
+
+  def __init__(self, kind: int):
+    self._kind = kind
+
+  def __call__(self, text: str) -> tuple[int, str]:
+    return self._kind, text
+
+
+def _text(piece: tuple[int, str]) -> str:
+  return piece[1]
+
+
+def training_pieces(
+    cfg: DataConfig, *, shard_index: int = 0, shard_count: int = 1
+) -> TrainingPieces:
+  """Cuts, shards, shuffles and mixes the training documents.
+
+  Each kind of training document is sharded (shard `i` takes documents
+  i, i + shard_count, ...) and cut into pieces of `cfg.piece_length`
+  characters; the pieces of a shard are shuffled with a new order every epoch
+  and repeated. Kinds are interleaved with weights that give each its
+  fraction of the characters (`cfg.long_fraction` for stdlib packages).
+
+  Args:
+    cfg: The data config.
+    shard_index: This host's shard, in [0, shard_count).
+    shard_count: Number of hosts.
+
+  Returns:
+    A `TrainingPieces`.
+
+  Raises:
+    ValueError: bad shard arguments, a shard without text, or a source
+      problem (see `sources`).
+  """
+  _check_shard(shard_index, shard_count)
+  parts, fractions, means, counts, names = [], [], [], [], []
+  for stream, kind in enumerate(sources.train_documents(cfg)):
+    # Checked on the totals so that every host fails, not just the unlucky.
+    if len(kind.docs) < shard_count:
+      raise ValueError(
+          f"train_iterator: shard_count={shard_count} exceeds the"
+          f" {len(kind.docs)} training documents among the {kind.name}"
+      )
+    lengths = documents.char_lengths(kind.docs)
+    for shard in range(shard_count):
+      if not lengths[shard::shard_count].any():
+        where = f" of shard {shard} of {shard_count}" if shard_count > 1 else ""
+        raise ValueError(
+            f"DataConfig.paths: the training documents{where} among the"
+            f" {kind.name} are all empty"
+        )
+    shard_docs = documents.IndexedView(
+        kind.docs, range(shard_index, len(kind.docs), shard_count)
+    )
+    table = pieces.Pieces(
+        shard_docs, cfg.piece_length, lengths[shard_index::shard_count]
+    )
+    shuffled = grain.MapDataset.source(table).shuffle(
+        seed=_seed(cfg.seed, stream)
+    )
+    parts.append(shuffled.repeat().map(_Tag(stream)))
+    fractions.append(kind.weight)
+    means.append(table.mean_chars)
+    counts.append(len(table))
+    names.append(kind.name)
+  weights = pieces.mix_weights(fractions, means)
+  mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  # Enough draws for every kind to go through two full epochs.
+  max_empty = sum(int(np.ceil(2 * n / w)) for n, w in zip(counts, weights))
+  return TrainingPieces(mixed, tuple(names), max_empty + 100)
+
+
 def train_iterator(
     cfg: DataConfig,
     tokenizer: Tokenizer | str,
@@ -44,11 +148,8 @@ def train_iterator(
 ) -> grain.DatasetIterator:
   """Returns an infinite iterator over training batches.
 
-  Each kind of training document is sharded (shard `i` takes documents
-  i, i + shard_count, ...), shuffled with a new order every epoch and
-  repeated; for the stdlib source the two kinds are interleaved so that a
-  fraction `cfg.long_fraction` of the documents are packages. Documents are
-  then packed into rows and batched.
+  The pieces of `training_pieces` are tokenized, packed into rows (each piece
+  its own segment, positions restarting at 0) and batched.
 
   Args:
     cfg: The data config.
@@ -65,37 +166,19 @@ def train_iterator(
   Raises:
     ValueError: bad shard arguments or a source problem (see `sources`).
   """
-  if shard_count < 1 or not 0 <= shard_index < shard_count:
-    raise ValueError(
-        f"train_iterator: need 0 <= shard_index < shard_count, got"
-        f" shard_index={shard_index}, shard_count={shard_count}"
-    )
+  _check_shard(shard_index, shard_count)
   if cfg.batch_size % shard_count:
     raise ValueError(
         f"DataConfig.batch_size: {cfg.batch_size} is not divisible by"
         f" shard_count={shard_count}"
     )
   tokenizer = _resolve_tokenizer(tokenizer)
-
-  parts, weights = [], []
-  # Bound on consecutive empty documents before all must be empty: enough
-  # draws for every kind to go through two full epochs.
-  max_empty = 0
-  for stream, kind in enumerate(sources.train_documents(cfg)):
-    # Checked on the totals so that every host fails, not just the unlucky.
-    if len(kind.docs) < shard_count:
-      raise ValueError(
-          f"train_iterator: shard_count={shard_count} exceeds the"
-          f" {len(kind.docs)} training documents among the {kind.name}"
-      )
-    shard = grain.MapDataset.source(kind.docs)[shard_index::shard_count]
-    parts.append(shard.shuffle(seed=_seed(cfg.seed, stream)).repeat())
-    weights.append(kind.weight)
-    max_empty += int(np.ceil(2 * len(shard) / kind.weight))
-  docs = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-
+  mix = training_pieces(cfg, shard_index=shard_index, shard_count=shard_count)
   rows = packing.pack(
-      docs, tokenizer, cfg.seq_len, max_consecutive_empty=max_empty + 100
+      mix.dataset.map(_text),
+      tokenizer,
+      cfg.seq_len,
+      max_consecutive_empty=mix.max_consecutive_empty,
   )
   batches = rows.batch(
       cfg.batch_size // shard_count,
@@ -105,14 +188,25 @@ def train_iterator(
   return packing.JsonStateIterDataset(batches).__iter__()
 
 
+def _spread(num_rows: int, rows_needed: int) -> list[int]:
+  """Indices of `rows_needed` rows spread evenly over `num_rows` rows."""
+  if rows_needed >= num_rows:
+    # Every row, cycled in order.
+    return [i % num_rows for i in range(rows_needed)]
+  return [i * num_rows // rows_needed for i in range(rows_needed)]
+
+
 def eval_batches(
     cfg: DataConfig, tokenizer: Tokenizer | str, num_batches: int
 ) -> list[dict[str, np.ndarray]]:
   """Returns deterministic batches of the held-out documents.
 
-  The held-out documents are packed in order (no shuffle). If they fill fewer
-  than `num_batches` batches, their rows are cycled; the last row of the
-  held-out set may be padded.
+  The held-out documents are tokenized and packed in order (no shuffle, no
+  pieces) into one stream of R rows, whose last row may be padded. The N =
+  num_batches * batch_size eval rows are rows i * R // N (i < N), spread
+  evenly over the whole stream so that all held-out documents contribute,
+  not just the first; if N >= R, all rows are taken, cycled in order.
+  The whole held-out set is tokenized once and kept as token ids.
 
   Args:
     cfg: The data config (`batch_size` rows per batch, global).
@@ -129,20 +223,26 @@ def eval_batches(
     raise ValueError(f"eval_batches: num_batches must be >= 1, got {num_batches}")
   tokenizer = _resolve_tokenizer(tokenizer)
   docs = sources.eval_documents(cfg)
-  rows_needed = num_batches * cfg.batch_size
-  rows = []
-  # Pack lazily and stop early: the stdlib held-out packages alone make
-  # thousands of rows, far more than a typical eval needs.
-  for row in packing.pack(grain.MapDataset.source(docs), tokenizer, cfg.seq_len):
-    rows.append(row)
-    if len(rows) == rows_needed:
-      break
-  if not rows:
+  tokenize = packing.Tokenize(tokenizer)
+  tokenized = [t for t in map(tokenize, docs) if len(t["tokens"])]
+  total = sum(len(t["tokens"]) for t in tokenized)
+  # Concat-then-split never reorders, so the stream has exactly this many rows.
+  num_rows = -(-total // cfg.seq_len)
+  if not num_rows:
     raise ValueError(
         f"DataConfig.eval_every_nth: the {len(docs)} held-out documents of"
         f" source {cfg.source!r} contain no tokens"
     )
-  rows = [rows[i % len(rows)] for i in range(rows_needed)]
+  picks = _spread(num_rows, num_batches * cfg.batch_size)
+  wanted, last = set(picks), max(picks)
+  kept = {}
+  stream = packing.pack_tokens(grain.MapDataset.source(tokenized), cfg.seq_len)
+  for index, row in enumerate(stream):
+    if index in wanted:
+      kept[index] = row
+    if index == last:
+      break
+  rows = [kept[i] for i in picks]
   return [
       packing.format_rows(
           rows[b * cfg.batch_size : (b + 1) * cfg.batch_size],

@@ -4,7 +4,8 @@ Each reader is a random-access `Sequence[str]` of documents. Building one does
 the cheap checks eagerly (globs match, files exist, the text field is present
 in the first record of every file, the source is not empty) so that a bad
 `DataConfig` fails when the pipeline is built, not in the middle of training.
-Document texts are read on access.
+Document texts are read on access; `char_lengths()` reads every document
+once (per reader) to measure it.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class _MultiFileDocuments(Sequence[str]):
           f"DataConfig.paths: no documents in {len(self._files)} file(s):"
           f" {', '.join(repr(f) for f in self._files[:5])}"
       )
+    self._lengths = None
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -86,6 +88,21 @@ class _MultiFileDocuments(Sequence[str]):
 
   def _read(self, file_index: int, local_index: int) -> str:
     raise NotImplementedError
+
+  def char_lengths(self) -> np.ndarray:
+    """Length of every document in characters; measured once per reader."""
+    if self._lengths is None:
+      self._lengths = np.concatenate(
+          [np.zeros(0, np.int64)]
+          + [self._file_lengths(i) for i in range(len(self._files))]
+      )
+    return self._lengths
+
+  def _file_lengths(self, file_index: int) -> np.ndarray:
+    count = int(self._starts[file_index + 1] - self._starts[file_index])
+    return np.asarray(
+        [len(self._read(file_index, j)) for j in range(count)], np.int64
+    )
 
 
 class TextDocuments(_MultiFileDocuments):
@@ -149,12 +166,25 @@ class JsonlDocuments(_MultiFileDocuments):
     with open(path, "rb") as f:
       f.seek(offset)
       line = f.readline()
+    return self._decode(line, path, line_index)
+
+  def _decode(self, line: bytes, path: str, line_index: int) -> str:
     where = f"record {line_index + 1} of {path!r}"
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"DataConfig.paths: invalid JSON in {where}: {e}") from e
     return _text_of(record, self._text_field, where)
+
+  def _file_lengths(self, file_index: int) -> np.ndarray:
+    # One sequential pass instead of a seek per record.
+    path = self._files[file_index]
+    lengths = []
+    with open(path, "rb") as f:
+      for line in f:
+        if line.strip():
+          lengths.append(len(self._decode(line, path, len(lengths))))
+    return np.asarray(lengths, dtype=np.int64)
 
   def _read(self, file_index: int, local_index: int) -> str:
     offset = int(self._offsets[file_index][local_index])
@@ -198,7 +228,7 @@ class ParquetDocuments(_MultiFileDocuments):
     super().__init__(files, counts)
     self._columns = {}
 
-  def _read(self, file_index: int, local_index: int) -> str:
+  def _column(self, file_index: int):
     column = self._columns.get(file_index)
     if column is None:
       import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
@@ -209,8 +239,22 @@ class ParquetDocuments(_MultiFileDocuments):
       # One contiguous array makes row lookup O(1) instead of O(#chunks).
       column = table.column(self._text_field).combine_chunks()
       self._columns[file_index] = column
-    text = column[local_index].as_py()
+    return column
+
+  def _read(self, file_index: int, local_index: int) -> str:
+    text = self._column(file_index)[local_index].as_py()
     return "" if text is None else text
+
+  def _file_lengths(self, file_index: int) -> np.ndarray:
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
+
+    try:
+      # Counts characters (code points) in Arrow, without Python strings.
+      lengths = pc.fill_null(pc.utf8_length(self._column(file_index)), 0)
+    except pa.ArrowNotImplementedError:  # e.g. string_view columns.
+      return super()._file_lengths(file_index)
+    return lengths.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def read_documents(

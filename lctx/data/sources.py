@@ -17,7 +17,11 @@ from lctx.data.config import DataConfig
 
 @dataclasses.dataclass(frozen=True)
 class WeightedDocuments:
-  """Training documents of one kind and the fraction of samples they get."""
+  """Training documents of one kind and the fraction of tokens they supply.
+
+  `weight` is the expected fraction of training characters (approximately
+  tokens) from this kind; the pipeline turns it into per-piece mixing weights.
+  """
 
   name: str
   docs: Sequence[str]
@@ -36,7 +40,8 @@ def train_documents(cfg: DataConfig) -> list[WeightedDocuments]:
     cfg: The data config.
 
   Returns:
-    One entry per kind with a positive weight (weights sum to 1).
+    One entry per kind with a positive weight (token fractions, summing to
+    1).
 
   Raises:
     ValueError: the source has no training documents.
