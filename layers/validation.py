@@ -7,6 +7,7 @@ to the class's own __post_init__ checks.
 """
 
 import dataclasses
+import numbers
 import types
 import typing
 
@@ -14,10 +15,11 @@ _SCALARS = (int, float, str, bool)
 
 
 def _matches(value, tp) -> bool:
+  # bool is an Integral; `seq_len = True` is certainly a mistake. numpy scalars are accepted.
   if tp is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
   if tp is int:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
   return isinstance(value, tp)
 
 
@@ -49,5 +51,9 @@ def check_fields(cfg) -> None:
     if not any(_matches(value, a) for a in allowed):
       want = " or ".join("None" if a is type(None) else _describe(a) for a in allowed)
       raise ValueError(f"{name}.{field.name}={value!r} must be {want}")
-    if float in allowed and isinstance(value, int) and int not in allowed:
+    # Normalize to Python scalars (ints given for floats, numpy scalars) so configs hash and
+    # print the same however the value was written.
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int in allowed:
+      object.__setattr__(cfg, field.name, int(value))
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and float in allowed:
       object.__setattr__(cfg, field.name, float(value))

@@ -9,7 +9,8 @@ happen when a pipeline is built, see `lctx.data.sources`.
 from __future__ import annotations
 
 import dataclasses
-import numbers
+
+from layers.validation import check_fields
 
 SOURCES = ("stdlib", "text", "jsonl", "parquet")
 USER_SOURCES = ("text", "jsonl", "parquet")
@@ -63,10 +64,9 @@ class DataConfig:
   def __post_init__(self):
     # gin and YAML hand over lists; a frozen dataclass must stay hashable, so
     # coerce to a tuple (object.__setattr__ bypasses the frozen guard).
-    paths = self.paths
-    if isinstance(paths, str):
-      paths = (paths,)
-    object.__setattr__(self, "paths", tuple(str(p) for p in paths))
+    if isinstance(self.paths, str):
+      object.__setattr__(self, "paths", (self.paths,))
+    check_fields(self)  # types of every field, lists -> tuples
     self._validate()
 
   def _validate(self) -> None:
@@ -87,12 +87,12 @@ class DataConfig:
       raise ValueError(
           "DataConfig.tokenizer: expected 'byte' or a path to a tokenizer file"
       )
-    _check_int("seq_len", self.seq_len, minimum=2)
-    _check_int("batch_size", self.batch_size, minimum=1)
+    _check_min("seq_len", self.seq_len, minimum=2)
+    _check_min("batch_size", self.batch_size, minimum=1)
     # 1 would hold out every document and leave nothing to train on.
-    _check_int("eval_every_nth", self.eval_every_nth, minimum=2)
-    _check_int("seed", self.seed, minimum=0)
-    _check_int("piece_chars", self.piece_chars, minimum=0)
+    _check_min("eval_every_nth", self.eval_every_nth, minimum=2)
+    _check_min("seed", self.seed, minimum=0)
+    _check_min("piece_chars", self.piece_chars, minimum=0)
     if not 0.0 <= self.long_fraction <= 1.0:
       raise ValueError(
           "DataConfig.long_fraction: must be in [0, 1], got"
@@ -107,9 +107,6 @@ class DataConfig:
     return self.piece_chars or 4 * self.seq_len
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-  # bool is an int subclass; `seq_len=True` is certainly a mistake.
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"DataConfig.{name}: expected an int, got {value!r}")
+def _check_min(name: str, value: int, *, minimum: int) -> None:
   if value < minimum:
     raise ValueError(f"DataConfig.{name}: must be >= {minimum}, got {value}")
