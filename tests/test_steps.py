@@ -79,3 +79,21 @@ def test_eval_step_buckets_by_document_position():
   assert float(count.sum()) == float(weights.sum())
   pos = np.asarray(batch["positions"])[np.asarray(weights) > 0]
   np.testing.assert_array_equal(count, np.bincount(pos * 3 // 24, minlength=3))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  cfg = ModelConfig(d_model=32, num_layers=2, d_ff=64, dtype="bfloat16",
+                    mixer_options={"attention": AttentionConfig(4, 2)})
+  tx, sched = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 20)
+  m = build(cfg, make_mesh(MeshConfig()), tx)
+  step = m.jit(make_train_step(m.model, tx, sched),
+               in_shardings=(m.state_shardings, m.batch_sharding),
+               out_shardings=(m.state_shardings, None))
+  state, batch = m.init_state(0), _batch(3)
+  logits = m.model.apply({"params": state["params"]}, batch["tokens"])
+  assert logits.dtype == jnp.float32
+  m32, step32 = _setup(1)
+  _, out32 = step32(m32.init_state(0), batch)
+  state, out = step(state, batch)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state["params"]))
+  np.testing.assert_allclose(out["loss"], out32["loss"], rtol=2e-2)

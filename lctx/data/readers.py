@@ -10,6 +10,7 @@ once (per reader) to measure it.
 
 from __future__ import annotations
 
+import abc
 import bisect
 from collections.abc import Sequence
 import glob
@@ -86,8 +87,9 @@ class _MultiFileDocuments(Sequence[str]):
   def __getitem__(self, index: int) -> str:
     return self._read(*self._locate(index))
 
+  @abc.abstractmethod
   def _read(self, file_index: int, local_index: int) -> str:
-    raise NotImplementedError
+    """Document `local_index` of file `file_index` (each reader knows its format)."""
 
   def char_lengths(self) -> np.ndarray:
     """Length of every document in characters; measured once per reader."""
