@@ -1,12 +1,12 @@
 """Tests for cutting documents into pieces (lctx.data.pieces, documents)."""
 
-import json
 
 import numpy as np
 import pytest
 
 from lctx.data import documents, pieces, pipeline, train_iterator
-from tests.test_data_pipeline import TOK, _assert_same, _check_structure, _jsonl_cfg, _make_docs, _stream
+from tests.test_data_pipeline import (TOK, _check_structure, _jsonl_cfg, _make_docs, _stream,
+                                      assert_resumes_exactly)
 
 
 def test_pieces_are_consecutive_windows_of_each_document():
@@ -82,11 +82,4 @@ def test_training_stream_is_the_shuffled_pieces_packed_in_order(tmp_path):
 @pytest.mark.parametrize("k", [0, 5, 11])
 def test_state_restores_exactly_mid_piece(tmp_path, k):
   cfg = _jsonl_cfg(tmp_path, _make_docs(12, seed=7, min_len=200, max_len=900), eval_every_nth=4, piece_chars=100)
-  it = train_iterator(cfg, TOK)
-  for _ in range(k):
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(8)]
-  fresh = train_iterator(cfg, TOK)
-  fresh.set_state(state)
-  _assert_same([next(fresh) for _ in range(8)], expected)
+  assert_resumes_exactly(cfg, k, 8)

@@ -191,17 +191,24 @@ def _assert_same(batches_a, batches_b):
       np.testing.assert_array_equal(a[key], b[key])
 
 
+def assert_resumes_exactly(cfg, skip, count):
+  """Draws `skip` batches, saves the state through JSON, and checks that a fresh iterator set
+  to it yields the same next `count` batches; returns (saved state, those batches)."""
+  it = train_iterator(cfg, TOK)
+  for _ in range(skip):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(count)]
+  fresh = train_iterator(cfg, TOK)
+  fresh.set_state(state)
+  _assert_same([next(fresh) for _ in range(count)], expected)
+  return it, state, expected
+
+
 @pytest.mark.parametrize("k", [0, 1, 3, 7, 12])
 def test_state_restores_exactly_after_json(tmp_path, k):
   cfg = _jsonl_cfg(tmp_path, _make_docs(15, seed=3), eval_every_nth=4, seq_len=32)
-  it = train_iterator(cfg, TOK)
-  for _ in range(k):
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(6)]
-  fresh = train_iterator(cfg, TOK)
-  fresh.set_state(state)
-  _assert_same([next(fresh) for _ in range(6)], expected)
+  it, state, expected = assert_resumes_exactly(cfg, k, 6)
   # Restoring an iterator that already moved on rewinds it, too.
   it.set_state(state)
   _assert_same([next(it) for _ in range(6)], expected)

@@ -1,12 +1,11 @@
 """Tests of the pipelines on the stdlib corpus: mix, eval coverage, resume."""
 
-import json
 
 import numpy as np
 import pytest
 
 from lctx.data import DataConfig, eval_batches, pipeline, sources, train_iterator
-from tests.test_data_pipeline import TOK, _assert_same, _check_structure
+from tests.test_data_pipeline import TOK, _check_structure, assert_resumes_exactly
 
 
 @pytest.mark.parametrize("long_fraction", [0.3, 0.6, 0.9])
@@ -39,14 +38,7 @@ def test_stdlib_batches(long_fraction):
 
 def test_state_restores_exactly_on_stdlib():
   cfg = DataConfig(seq_len=128, batch_size=4, seed=5)
-  it = train_iterator(cfg, TOK)
-  for _ in range(25):
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(10)]
-  fresh = train_iterator(cfg, TOK)
-  fresh.set_state(state)
-  _assert_same([next(fresh) for _ in range(10)], expected)
+  assert_resumes_exactly(cfg, 25, 10)
 
 
 def test_stdlib_eval_covers_all_held_out_packages():

@@ -262,30 +262,16 @@ class ShortDocuments(Sequence[str]):
 
 
 def long_documents(eval_every_nth: int, root: str | None = None):
-  """Train/eval split of the long (package) documents.
+  """Train/eval split (a `documents.Split`) of the long (package) documents.
 
   Args:
     eval_every_nth: `DataConfig.eval_every_nth`.
     root: The stdlib directory; defaults to the running Python's.
-
-  Returns:
-    A `documents.Split`.
   """
-  return documents.split_every_nth(
-      PackageDocuments(root or stdlib_root()), eval_every_nth
-  )
+  return documents.split_every_nth(PackageDocuments(root or stdlib_root()), eval_every_nth)
 
 
 def short_documents(eval_every_nth: int, root: str | None = None):
-  """Train/eval split of the short (module and docstring) documents.
-
-  Args:
-    eval_every_nth: `DataConfig.eval_every_nth`.
-    root: The stdlib directory; defaults to the running Python's.
-
-  Returns:
-    A `documents.Split`.
-  """
-  return documents.split_every_nth(
-      ShortDocuments(root or stdlib_root()), eval_every_nth
-  )
+  """Train/eval split (a `documents.Split`) of the short (module and docstring) documents;
+  arguments as for `long_documents`."""
+  return documents.split_every_nth(ShortDocuments(root or stdlib_root()), eval_every_nth)
