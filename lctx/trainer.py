@@ -186,7 +186,8 @@ def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
       if do_ckpt:
         ckpt.save(step, state, data_iter.get_state())
         last_good = step
-      last_time = time.perf_counter() if (do_eval or do_ckpt) else last_time
+      if do_eval or do_ckpt:  # keep eval and save time out of the next tokens/s
+        last_time = time.perf_counter()
   finally:
     bar.close()
     metrics.close()
