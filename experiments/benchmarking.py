@@ -1,0 +1,88 @@
+"""Shared pieces of the benchmark scripts: timing, the machine's matmul peak, tables, CSV, plots.
+
+Benchmarks measure ratios within one run (ours vs a reference vs this machine's dense matmul
+peak measured by `matmul_peak_gflops` in the same process), so numbers from different machines are
+never mixed.
+"""
+
+import csv
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger("lctx.bench")
+
+
+def time_ms(fn, *args, repeats: int = 3) -> float:
+  """Best wall time in ms of `fn(*args)` (already jitted) after one compile-and-warm-up call."""
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best * 1e3
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """Dense float32 [n, n] @ [n, n] throughput of this machine in GFLOP/s."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  ms = time_ms(jax.jit(jnp.dot), a, b, repeats=repeats)
+  return 2 * n ** 3 / (ms * 1e-3) / 1e9
+
+
+def available_memory_bytes() -> int:
+  """MemAvailable from /proc/meminfo (Linux); a large number where it cannot be read."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 1 << 62
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+  """Prints rows as an aligned text table (missing values as '-')."""
+  fmt = lambda v: "-" if v is None or v == "" else (f"{v:.4g}" if isinstance(v, float) else str(v))
+  cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+  for row in cells:
+    print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def plot_lines(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
+               title: str) -> bool:
+  """Log-log line plot of {label: (xs, ys)}; returns False (and logs) without matplotlib."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    log.warning("matplotlib is not installed: no plot written to %s (pip install matplotlib)",
+                path)
+    return False
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, (xs, ys) in series.items():
+    ax.plot(xs, ys, marker="o", label=label)
+  ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True

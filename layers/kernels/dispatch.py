@@ -1,0 +1,39 @@
+"""Which implementation runs: "reference", "xla", "pallas" or "auto", logged every time it is chosen.
+
+`auto` picks the fastest implementation that is correct on the current backend: the Pallas kernels
+on GPU and TPU, the chunked pure-JAX path on CPU (Pallas only runs interpreted there, which is
+orders of magnitude slower). Every choice is logged with the family name, so a run's log and a
+test's `caplog` both say which implementation ran.
+"""
+
+import logging
+
+import jax
+
+IMPLS = ("reference", "xla", "pallas", "auto")
+
+log = logging.getLogger("lctx.kernels")
+
+
+def resolve_impl(family: str, impl: str, backend: str | None = None) -> str:
+  """Returns the concrete implementation for `impl` and logs the choice.
+
+  Args:
+    family: the operation's name, used in the log line and in errors (e.g. "linear_attention").
+    impl: one of IMPLS.
+    backend: jax backend name; default `jax.default_backend()`.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"{family}: impl={impl!r} is not one of {IMPLS}")
+  backend = backend or jax.default_backend()
+  chosen = impl
+  if impl == "auto":
+    chosen = "xla" if backend == "cpu" else "pallas"
+  mode = " (interpret mode)" if chosen == "pallas" and backend == "cpu" else ""
+  log.info("%s: impl=%s -> %s on %s%s", family, impl, chosen, backend, mode)
+  return chosen
+
+
+def pallas_interpret(backend: str | None = None) -> bool:
+  """True where Pallas kernels must run in interpret mode (no Mosaic/GPU lowering: CPU)."""
+  return (backend or jax.default_backend()) == "cpu"

@@ -1,0 +1,216 @@
+"""Linear-attention mixers: LinearAttention ("linear"), Lightning ("lightning") and GLA ("gla").
+
+All three project x to q, k, v per head, apply a feature map to q and k, run `linear_attention`,
+normalize each head's output (RMSNorm over the head dim), optionally gate it with silu(x W_g), and
+project back. They differ only in the log-gate:
+  linear     none (G_t = 1);
+  lightning  a fixed per-head log-decay g_h = -(decay_scale / H) * (1 - l / L) * h for head h of H
+             in layer l of L (fla's Lightning schedule; head 0 does not decay);
+  gla        data-dependent per key dimension, SpikingBrain's form
+             g_t = logsigmoid(W2 W1 x_t + b) / tau with W1 of rank `gate_rank`.
+With decode=True the recurrent state [b, h, d_k, d_v] lives in the "cache" collection, so each
+decoded token costs O(1).
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layers import params as P
+from layers.feature_maps import FEATURE_MAPS, FeatureMap, feature_dim
+from layers.kernels.dispatch import IMPLS
+from layers.linear_attention import linear_attention, linear_attention_step
+from layers.norms import RMSNorm
+from layers.registry import register_mixer
+from layers.validation import check_fields
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionConfig:
+  """Options shared by the linear-attention mixers.
+
+  Attributes:
+    num_heads: query heads.
+    num_kv_heads: key/value heads (GQA); None means num_heads. Must divide num_heads.
+    head_dim: None means d_model // num_heads.
+    feature_map: one of identity, relu, sigmoid, hedgehog (applied to q and k).
+    output_norm: per-head RMSNorm of the mixer output.
+    output_gate: multiply the output by silu(x W_g) before the output projection.
+    impl: reference, xla, pallas or auto (see layers.kernels.dispatch).
+    chunk_size: chunk length of the chunked paths (a multiple of 16).
+  """
+
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  feature_map: str = "identity"
+  output_norm: bool = True
+  output_gate: bool = False
+  impl: str = "auto"
+  chunk_size: int = 64
+
+  def __post_init__(self):
+    check_fields(self)
+    name = type(self).__name__
+    if self.num_heads < 1:
+      raise ValueError(f"{name}.num_heads must be >= 1, got {self.num_heads}")
+    if self.kv_heads < 1 or self.num_heads % self.kv_heads:
+      raise ValueError(f"{name}.num_kv_heads={self.num_kv_heads} must be >= 1 and divide "
+                       f"{name}.num_heads={self.num_heads}")
+    if self.head_dim is not None and self.head_dim < 1:
+      raise ValueError(f"{name}.head_dim={self.head_dim} must be >= 1")
+    if self.feature_map not in FEATURE_MAPS:
+      raise ValueError(f"{name}.feature_map={self.feature_map!r} must be one of {FEATURE_MAPS}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"{name}.impl={self.impl!r} must be one of {IMPLS}")
+    if self.chunk_size < 16 or self.chunk_size % 16:
+      raise ValueError(f"{name}.chunk_size={self.chunk_size} must be a positive multiple of 16")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def resolved_head_dim(self, d_model: int) -> int:
+    if self.head_dim is not None:
+      return self.head_dim
+    if d_model % self.num_heads:
+      raise ValueError(f"ModelConfig.d_model={d_model} is not divisible by "
+                       f"{type(self).__name__}.num_heads={self.num_heads}; set head_dim")
+    return d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LightningConfig(LinearAttentionConfig):
+  """LinearAttentionConfig plus the fixed decay schedule's strength `decay_scale` (8 in fla)."""
+
+  decay_scale: float = 8.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.decay_scale < 0:
+      raise ValueError(f"LightningConfig.decay_scale={self.decay_scale} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class GLAConfig(LinearAttentionConfig):
+  """LinearAttentionConfig plus the low-rank gate: rank `gate_rank` (16) and temperature `gate_tau`."""
+
+  gate_rank: int = 16
+  gate_tau: float = 16.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.gate_rank < 1:
+      raise ValueError(f"GLAConfig.gate_rank={self.gate_rank} must be >= 1")
+    if self.gate_tau <= 0:
+      raise ValueError(f"GLAConfig.gate_tau={self.gate_tau} must be > 0")
+
+
+def lightning_log_decay(num_heads: int, layer_index: int, num_layers: int,
+                        decay_scale: float = 8.0):
+  """Fixed per-head log-decays [h] of layer `layer_index` of `num_layers`."""
+  depth = 1.0 - layer_index / max(num_layers, 1)
+  return -(decay_scale / num_heads) * depth * jnp.arange(num_heads, dtype=jnp.float32)
+
+
+class _LinearMixer(nn.Module):
+  """The shared body; subclasses override `log_gate`."""
+
+  Config = LinearAttentionConfig
+
+  config: LinearAttentionConfig
+  d_model: int
+  layer_index: int = 0
+  num_layers: int = 1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def log_gate(self, x_bte, num_heads: int, key_dim: int):
+    """None, [h] or [b, t, h, d_k] log-gate (called inside the compact __call__)."""
+    del x_bte, num_heads, key_dim
+    return None
+
+  @nn.compact
+  def __call__(self, x_bte, *, positions_bt, segment_ids_bt=None, decode: bool = False):
+    del positions_bt  # linear attention here is position-free (no RoPE)
+    cfg, e = self.config, self.d_model
+    h, kh, d = cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim(e)
+    x = x_bte.astype(self.dtype)
+
+    def proj(name, heads, axis):
+      w = P.param(self, name, P.dense_init(e), (e, heads, d), ("embed", axis, "head_dim"),
+                  self.param_dtype)
+      return jnp.einsum("bte,ehd->bthd", x, w.astype(self.dtype))
+
+    fmap = lambda name: FeatureMap(cfg.feature_map, self.dtype, self.param_dtype, name=name)
+    q = fmap("q_map")(proj("q", h, "heads"))
+    k = fmap("k_map")(proj("k", kh, "kv_heads"))
+    v = proj("v", kh, "kv_heads")
+    g = self.log_gate(x, h, feature_dim(cfg.feature_map, d))
+    o = self._mix(q, k, v, g, segment_ids_bt, decode)
+    if cfg.output_norm:
+      o = RMSNorm(1e-6, self.dtype, self.param_dtype, axis_name="head_dim", name="o_norm")(o)
+    if cfg.output_gate:
+      o = o * jax.nn.silu(proj("gate", h, "heads"))
+    w_o = P.param(self, "o", P.dense_init(h * d), (h, d, e), ("heads", "head_dim", "embed"),
+                  self.param_dtype)
+    return jnp.einsum("bthd,hde->bte", o.astype(self.dtype), w_o.astype(self.dtype))
+
+  def _mix(self, q, k, v, g, segment_ids_bt, decode):
+    cfg = self.config
+    run = lambda **kw: linear_attention(q, k, v, g, segment_ids=segment_ids_bt, impl=cfg.impl,
+                                        chunk_size=cfg.chunk_size, **kw)
+    if not decode:
+      return run()
+    b, t, h, dk = q.shape
+    initialized = self.has_variable("cache", "state")
+    state = self.variable("cache", "state", jnp.zeros, (b, h, dk, v.shape[-1]), jnp.float32)
+    if not initialized:  # shape-only pass creating the cache: nothing to carry yet
+      return run()
+    if t == 1:
+      g_step = None if g is None or g.ndim == 1 else g[:, 0]
+      o, state.value = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g_step,
+                                             state=state.value)
+      return o[:, None]
+    o, state.value = run(initial_state=state.value, output_final_state=True)
+    return o
+
+
+@register_mixer("linear")
+class LinearAttention(_LinearMixer):
+  """Plain (ungated) linear attention."""
+
+
+@register_mixer("lightning")
+class Lightning(_LinearMixer):
+  """Linear attention with fixed per-head decay slopes that weaken with depth."""
+
+  Config = LightningConfig
+  config: LightningConfig
+
+  def log_gate(self, x_bte, num_heads, key_dim):
+    del x_bte, key_dim
+    return lightning_log_decay(num_heads, self.layer_index, self.num_layers,
+                               self.config.decay_scale)
+
+
+@register_mixer("gla")
+class GLA(_LinearMixer):
+  """Gated linear attention with a low-rank data-dependent gate per key dimension."""
+
+  Config = GLAConfig
+  config: GLAConfig
+
+  def log_gate(self, x_bte, num_heads, key_dim):
+    cfg, e = self.config, self.d_model
+    w1 = P.param(self, "gate_down", P.dense_init(e), (e, cfg.gate_rank), ("embed", None),
+                 self.param_dtype)
+    w2 = P.param(self, "gate_up", P.dense_init(cfg.gate_rank), (cfg.gate_rank, num_heads, key_dim),
+                 (None, "heads", "head_dim"), self.param_dtype)
+    bias = P.param(self, "gate_bias", nn.initializers.zeros, (num_heads, key_dim),
+                   ("heads", "head_dim"), self.param_dtype)
+    z = jnp.einsum("bte,er,rhd->bthd", x_bte.astype(jnp.float32), w1.astype(jnp.float32),
+                   w2.astype(jnp.float32)) + bias.astype(jnp.float32)
+    return jax.nn.log_sigmoid(z) / cfg.gate_tau
