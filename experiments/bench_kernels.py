@@ -101,6 +101,7 @@ def bench_lengths(lengths, b, h, d, chunk, repeats, peak, only=None):
 
 def bench_decode(contexts, repeats):
   """One cached decode step of small models at cache position `context`."""
+  from layers.attention import AttentionConfig
   from lctx.config import ModelConfig
   from lctx.generate import init_cache
   from lctx.model import DecoderLM
@@ -112,7 +113,7 @@ def bench_decode(contexts, repeats):
   }
   rows = []
   for label, mixers in models.items():
-    opts = {"attention": {"window": 512}} if label == "gla+swa512" else {}
+    opts = {"attention": AttentionConfig(window=512)} if label == "gla+swa512" else {}
     model = DecoderLM(ModelConfig(vocab_size=256, d_model=256, num_layers=4, d_ff=768,
                                   mixers=mixers, mixer_options=opts))
     tok = jnp.zeros((1, 1), jnp.int32)

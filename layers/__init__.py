@@ -9,3 +9,4 @@ from gin without knowing their classes. Importing this package registers the bui
 """
 
 from layers import attention as _attention  # noqa: F401  (registers "attention")
+from layers import linear_mixers as _linear_mixers  # noqa: F401  (registers linear, lightning, gla)

@@ -1,20 +1,20 @@
-"""Softmax attention mixer: GQA, RoPE, causal / sliding-window / segment masks, KV cache.
+"""Softmax attention mixer: GQA, RoPE, causal / sliding-window / segment masks, sinks, KV cache.
 
-This is the dense (materialized-logits) implementation; it is also the oracle that faster
-attention kernels are tested against.
+The attention itself is `layers.softmax_attention.softmax_attention` (reference, flash XLA or
+Pallas, chosen by `AttentionConfig.impl`). Decoding uses its KVCache: one slot per position for
+full attention, a ring buffer of `window` slots for sliding-window layers.
 """
 
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from jax import lax
 
 from layers import params as P
-from layers.masks import attention_mask
+from layers.kernels.dispatch import IMPLS
 from layers.registry import register_mixer
 from layers.rope import apply_rope
+from layers.softmax_attention import KVCache, cached_attention, init_kv_cache, softmax_attention
 from layers.validation import check_fields
 
 
@@ -30,6 +30,10 @@ class AttentionConfig:
     use_rope: apply RoPE to q and k.
     window: sliding window; a token sees itself plus `window` earlier keys. None: full causal.
     qkv_bias: biases on the q, k, v projections.
+    impl: attention implementation, one of layers.kernels.dispatch.IMPLS ("auto" picks by
+      backend).
+    block_size: flash block size; None is the implementation's default.
+    sinks: learnable per-head sink logits (gpt-oss style), initialised to 0.
   """
 
   num_heads: int = 4
@@ -39,6 +43,9 @@ class AttentionConfig:
   use_rope: bool = True
   window: int | None = None
   qkv_bias: bool = False
+  impl: str = "auto"
+  block_size: int | None = None
+  sinks: bool = False
 
   def __post_init__(self):
     check_fields(self)
@@ -53,6 +60,10 @@ class AttentionConfig:
                        "RoPE) integer")
     if self.window is not None and self.window < 0:
       raise ValueError(f"AttentionConfig.window={self.window} must be >= 0 or None")
+    if self.impl not in IMPLS:
+      raise ValueError(f"AttentionConfig.impl={self.impl!r} must be one of {IMPLS}")
+    if self.block_size is not None and self.block_size < 1:
+      raise ValueError(f"AttentionConfig.block_size={self.block_size} must be >= 1 or None")
     if self.rope_base <= 1.0:
       raise ValueError(f"AttentionConfig.rope_base={self.rope_base} must be > 1")
 
@@ -69,30 +80,6 @@ class AttentionConfig:
     return d_model // self.num_heads
 
 
-def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float | None = None):
-  """Dense masked softmax attention with GQA, logits and softmax in float32.
-
-  Args:
-    q_bthd: queries [b, t, h, d]; h must be a multiple of the kv heads k.
-    k_bskd, v_bskd: keys and values [b, s, k, d].
-    mask_b1ts: boolean mask, True where a query may attend.
-    scale: logit scale, default d**-0.5.
-  Returns:
-    [b, t, h, d] in q's dtype. Rows with no visible key return zeros.
-  """
-  b, t, h, d = q_bthd.shape
-  kh = k_bskd.shape[2]
-  scale = d ** -0.5 if scale is None else scale
-  q = q_bthd.reshape(b, t, kh, h // kh, d).astype(jnp.float32)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd.astype(jnp.float32)) * scale
-  mask = mask_b1ts[:, :, None]  # [b, 1, 1, t, s]
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(mask, probs, 0.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd.astype(jnp.float32))
-  return out.reshape(b, t, h, d).astype(q_bthd.dtype)
-
-
 @register_mixer("attention")
 class SoftmaxAttention(nn.Module):
   """Multi-head (GQA) softmax attention with RoPE and causal/sliding-window/segment masks."""
@@ -102,6 +89,7 @@ class SoftmaxAttention(nn.Module):
   config: AttentionConfig
   d_model: int
   layer_index: int = 0
+  num_layers: int = 1
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -126,40 +114,36 @@ class SoftmaxAttention(nn.Module):
       q = apply_rope(q, positions_bt, cfg.rope_base)
       k = apply_rope(k, positions_bt, cfg.rope_base)
 
-    b, t = x.shape[:2]
+    sinks = None
+    if cfg.sinks:
+      sinks = P.param(self, "sinks", nn.initializers.zeros, (h,), ("heads",), self.param_dtype)
     if decode:
-      k, v, mask = self._update_cache(k, v)
+      o = self._decode(q, k, v, sinks)
     else:
-      index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      mask = attention_mask(index, index, segment_ids_bt, segment_ids_bt, cfg.window)
-    o = dot_product_attention(q, k, v, mask)
+      o = softmax_attention(q, k, v, window=cfg.window, segment_ids=segment_ids_bt, sinks=sinks,
+                            impl=cfg.impl, block_size=cfg.block_size)
     w_o = P.param(self, "o", P.dense_init(h * d), (h, d, e), ("heads", "head_dim", "embed"),
                   self.param_dtype)
     return jnp.einsum("bthd,hde->bte", o, w_o.astype(self.dtype))
 
-  def _update_cache(self, k_btkd, v_btkd):
-    """Writes the new keys/values at the cache index; returns the full cache and its mask.
+  def _decode(self, q_bthd, k_btkd, v_btkd, sinks):
+    """Attention of the new tokens over the "cache" collection, which it then updates.
 
-    The cache is created (zeros, sized by the call that creates it) when absent; `generate`
-    creates it with a shape-only pass over [b, max_len] tokens.
+    The cache is created (zeros) when absent, sized by the creating call's length: `generate`
+    creates it with a shape-only pass over [b, max_len] tokens. A sliding-window layer gets
+    only `window` slots (a ring buffer).
     """
+    cfg = self.config
+    b, t, kh, d = k_btkd.shape
     initialized = self.has_variable("cache", "key")
-    cache_k = self.variable("cache", "key", jnp.zeros, k_btkd.shape, k_btkd.dtype)
-    cache_v = self.variable("cache", "value", jnp.zeros, v_btkd.shape, v_btkd.dtype)
+    empty = lambda: init_kv_cache(b, t, kh, d, window=cfg.window, dtype=k_btkd.dtype)
+    cache_k = self.variable("cache", "key", lambda: empty().key)
+    cache_v = self.variable("cache", "value", lambda: empty().value)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    b, t = k_btkd.shape[:2]
     if not initialized:
-      q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      return k_btkd, v_btkd, attention_mask(q_index, q_index, window=self.config.window)
-    start = index.value
-    cache_k.value = lax.dynamic_update_slice(cache_k.value, k_btkd.astype(cache_k.value.dtype),
-                                             (0, start, 0, 0))
-    cache_v.value = lax.dynamic_update_slice(cache_v.value, v_btkd.astype(cache_v.value.dtype),
-                                             (0, start, 0, 0))
-    index.value = start + t
-    s = cache_k.value.shape[1]
-    q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    k_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    mask = attention_mask(q_index, k_index, window=self.config.window,
-                          k_valid_bs=k_index < start + t)
-    return cache_k.value, cache_v.value, mask
+      return softmax_attention(q_bthd, k_btkd, v_btkd, window=cfg.window, sinks=sinks,
+                               impl=cfg.impl, block_size=cfg.block_size)
+    cache = KVCache(cache_k.value, cache_v.value, index.value)
+    o, cache = cached_attention(cache, q_bthd, k_btkd, v_btkd, window=cfg.window, sinks=sinks)
+    cache_k.value, cache_v.value, index.value = cache
+    return o

@@ -170,7 +170,7 @@ class _LinearMixer(nn.Module):
     if not initialized:  # shape-only pass creating the cache: nothing to carry yet
       return run()
     if t == 1:
-      g_step = None if g is None or g.ndim == 1 else g[:, 0]
+      g_step = g if g is None or g.ndim == 1 else g[:, 0]
       o, state.value = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g_step,
                                              state=state.value)
       return o[:, None]

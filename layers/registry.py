@@ -2,7 +2,7 @@
 
 A mixer is a Flax Linen module class with the constructor fields
 `config` (its own frozen config dataclass, default `cls.Config()`), `d_model`, `layer_index`,
-`dtype`, `param_dtype`, and the call signature
+`num_layers` (depth-dependent schedules use both), `dtype`, `param_dtype`, and the call signature
 `__call__(x_bte, *, positions_bt, segment_ids_bt, decode=False) -> y_bte`.
 With `decode=True` the mixer keeps whatever it needs for incremental decoding in the Flax
 "cache" collection and treats `positions_bt` as absolute positions of the new tokens.

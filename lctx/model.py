@@ -25,7 +25,8 @@ class Block(nn.Module):
     dt, pdt = cfg.compute_dtype, cfg.storage_dtype
     name = cfg.layer_mixers()[self.layer_index]
     mixer = get_mixer(name)(config=cfg.mixer_config(name), d_model=cfg.d_model,
-                            layer_index=self.layer_index, dtype=dt, param_dtype=pdt, name="mixer")
+                            layer_index=self.layer_index, num_layers=cfg.num_layers, dtype=dt,
+                            param_dtype=pdt, name="mixer")
     h = RMSNorm(cfg.norm_eps, dt, pdt, name="mixer_norm")(x_bte)
     x_bte = x_bte + mixer(h, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt,
                           decode=decode)

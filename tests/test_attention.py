@@ -1,11 +1,12 @@
-"""Softmax attention: the dense kernel against a per-query loop, RoPE, and the mixer's masks."""
+"""Softmax attention: the dense reference against a per-query loop, RoPE, and the mixer's masks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers.attention import AttentionConfig, SoftmaxAttention, dot_product_attention
+from layers.attention import AttentionConfig, SoftmaxAttention
+from layers.kernels.attention_reference import dot_product_attention
 from layers.masks import attention_mask
 from layers.rope import apply_rope
 

@@ -87,14 +87,13 @@ def test_decoding_steps_equal_chunked_output(gate):
   o_full, s_full = linear_attention(q, k, v, g, initial_state=h0, output_final_state=True,
                                     impl="xla", chunk_size=16)
   p = 20
-  g_at = lambda sl: None if g is None or g.ndim == 1 else g[:, sl]
+  g_at = lambda sl: g if g is None or g.ndim == 1 else g[:, sl]
   o_pre, state = linear_attention(q[:, :p], k[:, :p], v[:, :p], g_at(slice(0, p)),
                                   initial_state=h0, output_final_state=True, impl="xla",
                                   chunk_size=16)
   outs = [o_pre]
   for t in range(p, T):
-    o_t, state = linear_attention_step(q[:, t], k[:, t], v[:, t], g if g is None or g.ndim == 1
-                                       else g[:, t], state=state)
+    o_t, state = linear_attention_step(q[:, t], k[:, t], v[:, t], g_at(t), state=state)
     outs.append(o_t[:, None])
   assert rel_rms(jnp.concatenate(outs, 1), o_full) < 1e-5
   assert rel_rms(state, s_full) < 1e-5

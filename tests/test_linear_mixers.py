@@ -10,12 +10,13 @@ from layers.linear_mixers import GLAConfig, LinearAttentionConfig, lightning_log
 from lctx.config import ModelConfig
 from lctx.generate import generate, greedy_by_recompute
 from lctx.model import DecoderLM
+from layers.registry import get_mixer
 
 MIXERS = ("linear", "lightning", "gla")
 
 
 def tiny_model(mixer, **options):
-  opts = {mixer: {"num_heads": 2, "chunk_size": 16, **options}}
+  opts = {mixer: get_mixer(mixer).Config(num_heads=2, chunk_size=16, **options)}
   return DecoderLM(ModelConfig(vocab_size=32, d_model=32, num_layers=2, d_ff=64,
                                mixers=(mixer, "attention"), mixer_options=opts))
 
