@@ -41,24 +41,25 @@ def linear_flops(b, h, t, d, chunk):
 
 
 def _methods(h, d, chunk):
-  """name -> (forward fn of (q, k, v, g), flops fn, bwd factor, dense?, impl label)."""
-  def gate(kind, q):
-    b, t = q.shape[:2]
+  """name -> (forward fn of (q, k, v, g), flops fn, bwd factor, dense?, impl label).
+
+  g is a GLA log-gate [b, t, h, d]; methods without a data-dependent gate ignore it.
+  """
+  def gate(kind, g):
     if kind == "none":
       return None
-    if kind == "fixed":
-      return -jnp.linspace(0.0, 1.0, h)
-    return jax.nn.log_sigmoid(jnp.full((b, t, h, d), 2.0, jnp.float32)) / 16.0
+    return -jnp.linspace(0.0, 1.0, h) if kind == "fixed" else g
 
-  soft = lambda impl: (lambda q, k, v: softmax_attention(q, k, v, causal=True, impl=impl))
-  lin = lambda kind: (lambda q, k, v: linear_attention(q, k, v, gate(kind, q), chunk_size=chunk))
+  soft = lambda impl: (lambda q, k, v, g: softmax_attention(q, k, v, causal=True, impl=impl))
+  lin = lambda kind: (lambda q, k, v, g: linear_attention(q, k, v, gate(kind, g),
+                                                          chunk_size=chunk))
   flash_impl = resolve_impl("softmax_attention", "auto")
   linear_impl = resolve_impl("linear_attention", "auto")
   sflops = lambda b, t: softmax_flops(b, h, t, d)
   lflops = lambda b, t: linear_flops(b, h, t, d, chunk)
   return {
       "dense_reference": (soft("reference"), sflops, 3.5, True, "reference"),
-      "jax_nn_causal": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+      "jax_nn_causal": (lambda q, k, v, g: jax.nn.dot_product_attention(q, k, v, is_causal=True),
                         sflops, 3.5, True, "xla"),
       "flash": (soft("auto"), sflops, 3.5, False, flash_impl),
       "linear": (lin("none"), lflops, 3.0, False, linear_impl),
@@ -71,9 +72,10 @@ def bench_lengths(lengths, b, h, d, chunk, repeats, peak, only=None):
   rows = []
   methods = _methods(h, d, chunk)
   for t in lengths:
-    keys = jax.random.split(jax.random.key(t), 4)
+    keys = jax.random.split(jax.random.key(t), 5)
     q, k, v = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in keys[:3])
     cot = jax.random.normal(keys[3], (b, t, h, d), jnp.float32)
+    g = jax.nn.log_sigmoid(jax.random.normal(keys[4], (b, t, h, d), jnp.float32)) / 16.0
     for name, (fn, flops, bwd_factor, dense, impl) in methods.items():
       if only and name not in only:
         continue
@@ -85,9 +87,10 @@ def bench_lengths(lengths, b, h, d, chunk, repeats, peak, only=None):
         print(f"  t={t:6d} {name:16s} {row['note']}", flush=True)
         continue
       fwd = jax.jit(fn)
-      grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.vdot(fn(q, k, v), cot), argnums=(0, 1, 2)))
-      row["fwd_ms"] = bm.time_ms(fwd, q, k, v, repeats=repeats)
-      row["fwd_bwd_ms"] = bm.time_ms(grad, q, k, v, repeats=repeats)
+      loss = lambda q, k, v, g, fn=fn: jnp.vdot(fn(q, k, v, g), cot)
+      grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3) if name == "gla" else (0, 1, 2)))
+      row["fwd_ms"] = bm.time_ms(fwd, q, k, v, g, repeats=repeats)
+      row["fwd_bwd_ms"] = bm.time_ms(grad, q, k, v, g, repeats=repeats)
       f = flops(b, t)
       row["fwd_gflops"] = f / row["fwd_ms"] / 1e6
       row["fwd_bwd_gflops"] = bwd_factor * f / row["fwd_bwd_ms"] / 1e6
@@ -108,7 +111,7 @@ def bench_decode(contexts, repeats):
 
   models = {
       "gla": ("gla",),
-      "gla+swa512": ("gla", "attention"),
+      "gla+swa512": ("gla", "attention", "gla", "attention"),
       "full_attention": ("attention",),
   }
   rows = []
