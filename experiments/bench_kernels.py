@@ -80,7 +80,7 @@ def bench_lengths(lengths, b, h, d, chunk, repeats, peak, only=None):
       if only and name not in only:
         continue
       row = {"method": name, "impl": impl, "t": t}
-      need = 6 * b * h * t * t * 4
+      need = 4 * b * h * t * t * 4  # logits, probabilities and their two gradients
       if dense and need > 0.7 * bm.available_memory_bytes():
         row["note"] = f"skipped: needs ~{need / 2**30:.0f} GiB for [t, t] buffers"
         rows.append(row)
@@ -172,7 +172,7 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
   parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--heads", type=int, default=2)
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--chunk_size", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
