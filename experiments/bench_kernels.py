@@ -104,6 +104,8 @@ def bench_lengths(lengths, b, h, d, chunk, repeats, peak, only=None):
 
 def bench_decode(contexts, repeats):
   """One cached decode step of small models at cache position `context`."""
+  if not contexts:
+    return []
   from layers.attention import AttentionConfig
   from lctx.config import ModelConfig
   from lctx.generate import init_cache

@@ -49,6 +49,8 @@ def available_memory_bytes() -> int:
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
   """Prints rows as an aligned text table (missing values as '-')."""
+  if not rows:
+    return
   fmt = lambda v: "-" if v is None or v == "" else (f"{v:.4g}" if isinstance(v, float) else str(v))
   cells = [[fmt(r.get(c)) for c in columns] for r in rows]
   widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]

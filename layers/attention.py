@@ -11,15 +11,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from layers import params as P
+from layers.heads import HeadsConfig
 from layers.kernels.dispatch import IMPLS
 from layers.registry import register_mixer
 from layers.rope import apply_rope
 from layers.softmax_attention import KVCache, cached_attention, init_kv_cache, softmax_attention
-from layers.validation import check_fields
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig:
+class AttentionConfig(HeadsConfig):
   """Options of the softmax attention mixer.
 
   Attributes:
@@ -36,9 +36,6 @@ class AttentionConfig:
     sinks: learnable per-head sink logits (gpt-oss style), initialised to 0.
   """
 
-  num_heads: int = 4
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
   rope_base: float = 10_000.0
   use_rope: bool = True
   window: int | None = None
@@ -48,16 +45,9 @@ class AttentionConfig:
   sinks: bool = False
 
   def __post_init__(self):
-    check_fields(self)
-    if self.num_heads < 1:
-      raise ValueError(f"AttentionConfig.num_heads must be >= 1, got {self.num_heads}")
-    kv = self.kv_heads
-    if kv < 1 or self.num_heads % kv:
-      raise ValueError(f"AttentionConfig.num_kv_heads={self.num_kv_heads} must be >= 1 and divide "
-                       f"AttentionConfig.num_heads={self.num_heads}")
-    if self.head_dim is not None and (self.head_dim < 1 or (self.use_rope and self.head_dim % 2)):
-      raise ValueError(f"AttentionConfig.head_dim={self.head_dim} must be a positive (even, with "
-                       "RoPE) integer")
+    super().__post_init__()
+    if self.use_rope and self.head_dim is not None and self.head_dim % 2:
+      raise ValueError(f"AttentionConfig.head_dim={self.head_dim} must be even with RoPE")
     if self.window is not None and self.window < 0:
       raise ValueError(f"AttentionConfig.window={self.window} must be >= 0 or None")
     if self.impl not in IMPLS:
@@ -66,18 +56,6 @@ class AttentionConfig:
       raise ValueError(f"AttentionConfig.block_size={self.block_size} must be >= 1 or None")
     if self.rope_base <= 1.0:
       raise ValueError(f"AttentionConfig.rope_base={self.rope_base} must be > 1")
-
-  @property
-  def kv_heads(self) -> int:
-    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-  def resolved_head_dim(self, d_model: int) -> int:
-    if self.head_dim is not None:
-      return self.head_dim
-    if d_model % self.num_heads:
-      raise ValueError(f"ModelConfig.d_model={d_model} is not divisible by "
-                       f"AttentionConfig.num_heads={self.num_heads}; set AttentionConfig.head_dim")
-    return d_model // self.num_heads
 
 
 @register_mixer("attention")

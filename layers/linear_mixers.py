@@ -19,16 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from layers import params as P
+from layers.heads import HeadsConfig
 from layers.feature_maps import FEATURE_MAPS, FeatureMap, feature_dim
 from layers.kernels.dispatch import IMPLS
 from layers.linear_attention import linear_attention, linear_attention_step
 from layers.norms import RMSNorm
 from layers.registry import register_mixer
-from layers.validation import check_fields
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearAttentionConfig:
+class LinearAttentionConfig(HeadsConfig):
   """Options shared by the linear-attention mixers.
 
   Attributes:
@@ -42,9 +42,6 @@ class LinearAttentionConfig:
     chunk_size: chunk length of the chunked paths (a multiple of 16).
   """
 
-  num_heads: int = 4
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
   feature_map: str = "identity"
   output_norm: bool = True
   output_gate: bool = False
@@ -52,33 +49,14 @@ class LinearAttentionConfig:
   chunk_size: int = 64
 
   def __post_init__(self):
-    check_fields(self)
+    super().__post_init__()
     name = type(self).__name__
-    if self.num_heads < 1:
-      raise ValueError(f"{name}.num_heads must be >= 1, got {self.num_heads}")
-    if self.kv_heads < 1 or self.num_heads % self.kv_heads:
-      raise ValueError(f"{name}.num_kv_heads={self.num_kv_heads} must be >= 1 and divide "
-                       f"{name}.num_heads={self.num_heads}")
-    if self.head_dim is not None and self.head_dim < 1:
-      raise ValueError(f"{name}.head_dim={self.head_dim} must be >= 1")
     if self.feature_map not in FEATURE_MAPS:
       raise ValueError(f"{name}.feature_map={self.feature_map!r} must be one of {FEATURE_MAPS}")
     if self.impl not in IMPLS:
       raise ValueError(f"{name}.impl={self.impl!r} must be one of {IMPLS}")
     if self.chunk_size < 16 or self.chunk_size % 16:
       raise ValueError(f"{name}.chunk_size={self.chunk_size} must be a positive multiple of 16")
-
-  @property
-  def kv_heads(self) -> int:
-    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-  def resolved_head_dim(self, d_model: int) -> int:
-    if self.head_dim is not None:
-      return self.head_dim
-    if d_model % self.num_heads:
-      raise ValueError(f"ModelConfig.d_model={d_model} is not divisible by "
-                       f"{type(self).__name__}.num_heads={self.num_heads}; set head_dim")
-    return d_model // self.num_heads
 
 
 @dataclasses.dataclass(frozen=True)
