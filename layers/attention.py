@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from layers import params as P
 from layers.heads import HeadsConfig
 from layers.kernels.dispatch import IMPLS
-from layers.registry import register_mixer
+from layers.registry import Mixer, register_mixer
 from layers.rope import apply_rope
 from layers.softmax_attention import KVCache, cached_attention, init_kv_cache, softmax_attention
 
@@ -59,17 +59,12 @@ class AttentionConfig(HeadsConfig):
 
 
 @register_mixer("attention")
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(Mixer):
   """Multi-head (GQA) softmax attention with RoPE and causal/sliding-window/segment masks."""
 
   Config = AttentionConfig
 
   config: AttentionConfig
-  d_model: int
-  layer_index: int = 0
-  num_layers: int = 1
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_bte, *, positions_bt, segment_ids_bt=None, decode: bool = False):

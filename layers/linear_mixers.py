@@ -24,7 +24,7 @@ from layers.feature_maps import FEATURE_MAPS, FeatureMap, feature_dim
 from layers.kernels.dispatch import IMPLS
 from layers.linear_attention import linear_attention, linear_attention_step
 from layers.norms import RMSNorm
-from layers.registry import register_mixer
+from layers.registry import Mixer, register_mixer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,17 +93,12 @@ def lightning_log_decay(num_heads: int, layer_index: int, num_layers: int,
   return -(decay_scale / num_heads) * depth * jnp.arange(num_heads, dtype=jnp.float32)
 
 
-class _LinearMixer(nn.Module):
+class _LinearMixer(Mixer):
   """The shared body; subclasses override `log_gate`."""
 
   Config = LinearAttentionConfig
 
   config: LinearAttentionConfig
-  d_model: int
-  layer_index: int = 0
-  num_layers: int = 1
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
 
   def log_gate(self, x_bte, num_heads: int, key_dim: int):
     """None, [h] or [b, t, h, d_k] log-gate (called inside the compact __call__)."""

@@ -8,11 +8,28 @@ With `decode=True` the mixer keeps whatever it needs for incremental decoding in
 "cache" collection and treats `positions_bt` as absolute positions of the new tokens.
 """
 
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
+
+import flax.linen as nn
+import jax.numpy as jnp
 
 _MIXERS: dict[str, type] = {}
 
 T = TypeVar("T", bound=type)
+
+
+class Mixer(nn.Module):
+  """Base class carrying the constructor fields every mixer takes (see the module docstring).
+
+  Subclasses narrow `config`'s annotation to their own Config class and define `__call__`.
+  """
+
+  config: Any
+  d_model: int
+  layer_index: int = 0
+  num_layers: int = 1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
 
 
 def register_mixer(name: str) -> Callable[[T], T]:
