@@ -1,25 +1,10 @@
 """Meshes and the logical-axis rules on 8 fake CPU devices (run in a subprocess, because the
 device count must be set before jax initializes)."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 from sharding.mesh import MeshConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_with_devices(code: str, n: int = 8) -> str:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
+from tests.multidevice import run_with_devices
 
 
 def test_mesh_shapes_and_errors():

@@ -1,0 +1,99 @@
+"""Token layouts of a sequence split over the `seq` mesh axis.
+
+A sequence of T tokens is cut into `num_chunks` equal chunks of global token order; rank r of the
+P sequence shards holds `chunks_per_shard` of them, concatenated in the order `chunk_ids(r)`:
+  contiguous  rank r holds chunk r of P (chunks_per_shard = 1);
+  zigzag      rank r holds chunks r and 2P-1-r of 2P (dual-chunk swap): with causal masking every
+              rank then has the same amount of attention work.
+An array "in layout order" has its length axis permuted so that splitting it evenly over the P
+ranks gives each rank its chunks: `to_layout` / `from_layout` convert from / to natural order.
+Sequence-parallel ops take and return arrays in layout order; a model permutes its tokens once at
+the input and un-permutes the logits once at the output, so every layer in between (attention,
+recurrences, MLPs) sees the same balanced layout.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from layers.validation import check_fields
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqLayout:
+  """`kind` (one of LAYOUTS) over `shards` sequence-parallel ranks."""
+
+  kind: str = "contiguous"
+  shards: int = 1
+
+  def __post_init__(self):
+    check_fields(self)
+    if self.kind not in LAYOUTS:
+      raise ValueError(f"SequenceParallelConfig.layout={self.kind!r} must be one of {LAYOUTS}")
+    if self.shards < 1:
+      raise ValueError(f"SeqLayout.shards={self.shards} must be >= 1")
+
+  @property
+  def chunks_per_shard(self) -> int:
+    return 2 if self.kind == "zigzag" else 1
+
+  @property
+  def num_chunks(self) -> int:
+    return self.shards * self.chunks_per_shard
+
+  def chunk_ids(self, rank: int) -> tuple[int, ...]:
+    """Global chunk indices held by `rank`, in the order they are stored locally."""
+    if self.kind == "zigzag":
+      return (rank, 2 * self.shards - 1 - rank)
+    return (rank,)
+
+  def chunk_table(self) -> np.ndarray:
+    """int32 [shards, chunks_per_shard]: row r is chunk_ids(r)."""
+    return np.array([self.chunk_ids(r) for r in range(self.shards)], np.int32)
+
+  def check_length(self, t: int, multiple: int = 1, what: str = "sequence length") -> None:
+    """Raises a ValueError naming the settings unless t splits into whole chunks.
+
+    `multiple` is an extra granularity each chunk must respect (a linear-attention chunk size).
+    """
+    unit = self.num_chunks * multiple
+    if t % unit:
+      detail = f"{self.num_chunks} layout chunks" + (f" x {multiple}" if multiple > 1 else "")
+      raise ValueError(f"{what} {t} is not divisible by {unit} ({detail}): "
+                       f"SequenceParallelConfig.layout={self.kind!r} over MeshConfig.seq="
+                       f"{self.shards} sequence-parallel ranks")
+
+  def chunk_len(self, t: int) -> int:
+    self.check_length(t)
+    return t // self.num_chunks
+
+  def permutation(self, t: int) -> np.ndarray:
+    """perm [t]: position i of the layout order holds natural token perm[i]."""
+    c = self.chunk_len(t)
+    order = self.chunk_table().reshape(-1)
+    return (order[:, None] * c + np.arange(c)[None, :]).reshape(-1).astype(np.int32)
+
+  def to_layout(self, x, axis: int = 1):
+    """Natural order -> layout order along `axis` (identity for contiguous)."""
+    if self.kind == "contiguous":
+      return x
+    return jnp.take(x, self.permutation(x.shape[axis]), axis=axis)
+
+  def from_layout(self, x, axis: int = 1):
+    """Layout order -> natural order along `axis`."""
+    if self.kind == "contiguous":
+      return x
+    return jnp.take(x, np.argsort(self.permutation(x.shape[axis])), axis=axis)
+
+  def local_chunk_ids(self, rank):
+    """int32 [chunks_per_shard] chunk ids of a (traced) rank, e.g. lax.axis_index('seq')."""
+    return jnp.asarray(self.chunk_table())[rank]
+
+  def local_positions(self, rank, local_len: int):
+    """int32 [local_len]: global (natural-order) token index of each local token of `rank`."""
+    c = local_len // self.chunks_per_shard
+    ids = self.local_chunk_ids(rank)
+    return (ids[:, None] * c + jnp.arange(c, dtype=jnp.int32)[None, :]).reshape(-1)
