@@ -88,7 +88,7 @@ def load_configs(gin_files: list[str], bindings: list[str]) -> dict:
       configs[section] = configurables.configured(cls)
     except (ValueError, TypeError) as e:
       raise ValueError(str(e)) from None
-  configs["model"] = configurables.with_bound_mixer_options(configs["model"])
+  configs["model"] = configurables.with_bound_subconfigs(configs["model"])
   return configs
 
 

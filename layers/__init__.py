@@ -5,8 +5,7 @@ Dimension legend used in names and docstrings across layers/:
   d head dim, e model (embedding) dim, f feed-forward dim, v vocabulary.
 
 Every mixer registers itself in `layers.registry` under a name, so the model picks mixers by name
-from gin without knowing their classes. Importing this package registers the built-in mixers.
+from gin without knowing their classes. The registry imports the built-in mixer modules on first
+lookup (layers.registry.BUILTIN_MODULES), so importing this package stays light: sharding/ uses
+the kernels here while the mixers use sharding's sequence-parallel ops.
 """
-
-from layers import attention as _attention  # noqa: F401  (registers "attention")
-from layers import linear_mixers as _linear_mixers  # noqa: F401  (registers linear, lightning, gla)

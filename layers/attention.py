@@ -1,7 +1,8 @@
 """Softmax attention mixer: GQA, RoPE, causal / sliding-window / segment masks, sinks, KV cache.
 
 The attention itself is `layers.softmax_attention.softmax_attention` (reference, flash XLA or
-Pallas, chosen by `AttentionConfig.impl`). Decoding uses its KVCache: one slot per position for
+Pallas, chosen by `AttentionConfig.impl`), or its sequence-parallel form (ring attention or an
+all-gather of K and V) when the mixer's `sequence_parallel` config and the mesh ask for one. Decoding uses its KVCache: one slot per position for
 full attention, a ring buffer of `window` slots for sliding-window layers.
 """
 
@@ -16,6 +17,7 @@ from layers.kernels.dispatch import IMPLS
 from layers.registry import Mixer, register_mixer
 from layers.rope import apply_rope
 from layers.softmax_attention import KVCache, cached_attention, init_kv_cache, softmax_attention
+from sharding.sequence import SequenceParallelConfig, parallel_softmax_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +95,9 @@ class SoftmaxAttention(Mixer):
     if decode:
       o = self._decode(q, k, v, sinks)
     else:
-      o = softmax_attention(q, k, v, window=cfg.window, segment_ids=segment_ids_bt, sinks=sinks,
-                            impl=cfg.impl, block_size=cfg.block_size)
+      o = parallel_softmax_attention(self.sequence_parallel or SequenceParallelConfig(), q, k, v,
+                                     window=cfg.window, segment_ids=segment_ids_bt, sinks=sinks,
+                                     impl=cfg.impl, block_size=cfg.block_size)
     w_o = P.param(self, "o", P.dense_init(h * d), (h, d, e), ("heads", "head_dim", "embed"),
                   self.param_dtype)
     return jnp.einsum("bthd,hde->bte", o, w_o.astype(self.dtype))

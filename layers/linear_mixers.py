@@ -8,6 +8,7 @@ project back. They differ only in the log-gate:
              in layer l of L (fla's Lightning schedule; head 0 does not decay);
   gla        data-dependent per key dimension, SpikingBrain's form
              g_t = logsigmoid(W2 W1 x_t + b) / tau with W1 of rank `gate_rank`.
+Without decode the attention may be sequence-parallel (LASP-2 or ZeCO, see sharding/sequence.py).
 With decode=True the recurrent state [b, h, d_k, d_v] lives in the "cache" collection, so each
 decoded token costs O(1).
 """
@@ -25,6 +26,7 @@ from layers.kernels.dispatch import IMPLS
 from layers.linear_attention import linear_attention, linear_attention_step
 from layers.norms import RMSNorm
 from layers.registry import Mixer, register_mixer
+from sharding.sequence import SequenceParallelConfig, parallel_linear_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +135,12 @@ class _LinearMixer(Mixer):
 
   def _mix(self, q, k, v, g, segment_ids_bt, decode):
     cfg = self.config
+    if not decode:
+      return parallel_linear_attention(self.sequence_parallel or SequenceParallelConfig(), q, k, v,
+                                       g, segment_ids=segment_ids_bt, impl=cfg.impl,
+                                       chunk_size=cfg.chunk_size)
     run = lambda **kw: linear_attention(q, k, v, g, segment_ids=segment_ids_bt, impl=cfg.impl,
                                         chunk_size=cfg.chunk_size, **kw)
-    if not decode:
-      return run()
     b, t, h, dk = q.shape
     initialized = self.has_variable("cache", "state")
     state = self.variable("cache", "state", jnp.zeros, (b, h, dk, v.shape[-1]), jnp.float32)

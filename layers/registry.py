@@ -2,18 +2,25 @@
 
 A mixer is a Flax Linen module class with the constructor fields
 `config` (its own frozen config dataclass, default `cls.Config()`), `d_model`, `layer_index`,
-`num_layers` (depth-dependent schedules use both), `dtype`, `param_dtype`, and the call signature
+`num_layers` (depth-dependent schedules use both), `dtype`, `param_dtype`, `sequence_parallel`
+(a sharding.sequence.SequenceParallelConfig, or None for single-device ops), and the call signature
 `__call__(x_bte, *, positions_bt, segment_ids_bt, decode=False) -> y_bte`.
 With `decode=True` the mixer keeps whatever it needs for incremental decoding in the Flax
-"cache" collection and treats `positions_bt` as absolute positions of the new tokens.
+"cache" collection and treats `positions_bt` as absolute positions of the new tokens; decoding is
+never sequence-parallel. Without decode, the arrays are in the token layout of the sequence-parallel
+config (the model permutes its inputs once; see sharding/layout.py).
 """
 
+import importlib
 from typing import Any, Callable, TypeVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 _MIXERS: dict[str, type] = {}
+
+# Modules whose import registers the built-in mixers; loaded on the first lookup.
+BUILTIN_MODULES = ("layers.attention", "layers.linear_mixers")
 
 T = TypeVar("T", bound=type)
 
@@ -30,6 +37,7 @@ class Mixer(nn.Module):
   num_layers: int = 1
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  sequence_parallel: Any = None
 
 
 def register_mixer(name: str) -> Callable[[T], T]:
@@ -48,6 +56,7 @@ def register_mixer(name: str) -> Callable[[T], T]:
 
 def get_mixer(name: str) -> type:
   """Returns the mixer class registered as `name` (ValueError listing the names otherwise)."""
+  _load_builtins()
   try:
     return _MIXERS[name]
   except KeyError:
@@ -55,4 +64,10 @@ def get_mixer(name: str) -> type:
 
 
 def available_mixers() -> list[str]:
+  _load_builtins()
   return sorted(_MIXERS)
+
+
+def _load_builtins() -> None:
+  for module in BUILTIN_MODULES:
+    importlib.import_module(module)

@@ -5,9 +5,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-import layers  # noqa: F401  (registers the built-in mixers)
 from layers.registry import available_mixers, get_mixer
 from layers.validation import check_fields
+from sharding.sequence import SequenceParallelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -34,6 +34,8 @@ class ModelConfig:
     dtype: compute dtype ("float32" or "bfloat16"); logits and losses are always float32.
     param_dtype: storage dtype of the parameters.
     remat: rematerialize each block in the backward pass (saves activation memory).
+    sequence_parallel: how the layers split the sequence over the `seq` mesh axis (method per
+      layer type and token layout); bound in gin as `SequenceParallelConfig.method = 'ring'` etc.
   """
 
   vocab_size: int = 256
@@ -47,6 +49,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  sequence_parallel: SequenceParallelConfig = SequenceParallelConfig()
 
   def __post_init__(self):
     if isinstance(self.mixers, str):
@@ -84,6 +87,11 @@ class ModelConfig:
   def layer_mixers(self) -> tuple[str, ...]:
     """The mixer name of every layer."""
     return self.mixers * self.num_layers if len(self.mixers) == 1 else self.mixers
+
+  def linear_chunk_sizes(self) -> tuple[int, ...]:
+    """Chunk sizes of the model's chunked (linear-attention) layers."""
+    return tuple(sorted({c.chunk_size for c in map(self.mixer_config, set(self.layer_mixers()))
+                         if hasattr(c, "chunk_size")}))
 
   def mixer_config(self, name: str):
     return dict(self.mixer_options).get(name) or get_mixer(name).Config()

@@ -16,6 +16,7 @@ from lctx.generate import GenerateConfig
 from lctx.optim import OptimizerConfig
 from lctx.trainer import TrainConfig
 from sharding.mesh import MeshConfig
+from sharding.sequence import SequenceParallelConfig
 
 # The configs an experiment is made of, by the name entry points use for them.
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
@@ -36,19 +37,25 @@ def configured(cls: type):
   return register(cls)()
 
 
-def with_bound_mixer_options(model: ModelConfig) -> ModelConfig:
-  """Fills in, through gin, the Config of every mixer the model uses and did not set explicitly.
+def with_bound_subconfigs(model: ModelConfig) -> ModelConfig:
+  """Fills in, through gin, the nested configs the model did not set explicitly.
 
-  So `AttentionConfig.window = 128` in a gin file applies without also writing
-  `ModelConfig.mixer_options = {"attention": @AttentionConfig()}`.
+  These are the Config of every mixer the model uses and the SequenceParallelConfig, so
+  `AttentionConfig.window = 128` or `SequenceParallelConfig.method = 'ring'` in a gin file applies
+  without also writing `ModelConfig.mixer_options = {"attention": @AttentionConfig()}` or
+  `ModelConfig.sequence_parallel = @SequenceParallelConfig()`.
   """
   options = dict(model.mixer_options)
   for name in sorted(set(model.layer_mixers()) - set(options)):
     options[name] = configured(get_mixer(name).Config)
-  return dataclasses.replace(model, mixer_options=options)
+  sp = model.sequence_parallel
+  if sp == SequenceParallelConfig():
+    sp = configured(SequenceParallelConfig)
+  return dataclasses.replace(model, mixer_options=options, sequence_parallel=sp)
 
 
 for _cls in SECTIONS.values():
   register(_cls)
+register(SequenceParallelConfig)
 for _name in available_mixers():
   register(get_mixer(_name).Config)

@@ -11,6 +11,7 @@ from layers.mlp import SwiGLU
 from layers.norms import RMSNorm
 from layers.registry import get_mixer
 from lctx.config import ModelConfig
+from sharding.sequence import active_layout
 
 
 class Block(nn.Module):
@@ -26,7 +27,8 @@ class Block(nn.Module):
     name = cfg.layer_mixers()[self.layer_index]
     mixer = get_mixer(name)(config=cfg.mixer_config(name), d_model=cfg.d_model,
                             layer_index=self.layer_index, num_layers=cfg.num_layers, dtype=dt,
-                            param_dtype=pdt, name="mixer")
+                            param_dtype=pdt, sequence_parallel=cfg.sequence_parallel,
+                            name="mixer")
     h = RMSNorm(cfg.norm_eps, dt, pdt, name="mixer_norm")(x_bte)
     x_bte = x_bte + mixer(h, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt,
                           decode=decode)
@@ -43,6 +45,10 @@ class DecoderLM(nn.Module):
     positions_bt: positions used by RoPE (per-document positions for packed rows); default arange.
     segment_ids_bt: document ids of a packed row (0 = padding); None means one document per row.
     decode: incremental decoding with the "cache" collection (positions are absolute).
+
+  Sequence parallelism (ModelConfig.sequence_parallel, inside a mesh with a `seq` axis > 1):
+  with the zigzag layout the tokens, positions and segment ids are permuted into layout order once
+  here and the logits permuted back, so callers always see natural order.
   """
 
   config: ModelConfig
@@ -54,6 +60,12 @@ class DecoderLM(nn.Module):
     b, t = tokens_bt.shape
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    layout = None if decode else active_layout(cfg.sequence_parallel)
+    if layout is not None:
+      layout.check_length(t, what="ModelConfig: the input length")
+      tokens_bt, positions_bt = layout.to_layout(tokens_bt), layout.to_layout(positions_bt)
+      if segment_ids_bt is not None:
+        segment_ids_bt = layout.to_layout(segment_ids_bt)
     embedding = P.param(self, "embedding", nn.initializers.normal(1.0), (cfg.vocab_size,
                         cfg.d_model), ("vocab", "embed"), pdt)
     x = jnp.take(embedding, tokens_bt, axis=0).astype(dt)
@@ -68,4 +80,5 @@ class DecoderLM(nn.Module):
       head = P.param(self, "head", P.dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                      ("embed", "vocab"), pdt)
       logits = x @ head.astype(dt)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    return logits if layout is None else layout.from_layout(logits)

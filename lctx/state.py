@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from lctx.config import ModelConfig
 from lctx.model import DecoderLM
 from sharding.rules import LOGICAL_AXIS_RULES, batch_sharding, logical_shardings
+from sharding.sequence import SequenceParallelConfig
 
 
 @dataclasses.dataclass
@@ -60,9 +61,12 @@ class ModelOnMesh:
 
 def build(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, tx) -> ModelOnMesh:
   model = DecoderLM(model_cfg)
+  # Parameters do not depend on sequence parallelism; initializing without it lets a 2-token
+  # dummy input stand in for any sequence length.
+  init_model = DecoderLM(dataclasses.replace(model_cfg, sequence_parallel=SequenceParallelConfig()))
 
   def init_boxed(rng):
-    params = model.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
+    params = init_model.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):

@@ -19,6 +19,7 @@ from lctx.optim import OptimizerConfig, make_optimizer
 from lctx.state import ModelOnMesh, build
 from lctx.steps import make_eval_step, make_train_step
 from sharding.mesh import MeshConfig, make_mesh
+from sharding.sequence import required_length_multiple
 from layers.validation import check_fields
 
 log = logging.getLogger("lctx")
@@ -80,9 +81,16 @@ def check_compatible(model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
     raise ValueError(f"DataConfig.batch_size={data_cfg.batch_size} must split into "
                      f"TrainConfig.grad_accum_steps={train_cfg.grad_accum_steps} micro-batches "
                      f"whose size divides the data-parallel degree {dp} (data x fsdp)")
-  if data_cfg.seq_len % mesh.shape["seq"]:
-    raise ValueError(f"DataConfig.seq_len={data_cfg.seq_len} is not divisible by the sequence-"
-                     f"parallel degree MeshConfig.seq={mesh.shape['seq']}")
+  sp, shards = model_cfg.sequence_parallel, mesh.shape["seq"]
+  unit = required_length_multiple(sp, shards, model_cfg.linear_chunk_sizes())
+  if data_cfg.seq_len % unit:
+    detail = f"the sequence-parallel degree MeshConfig.seq={shards}"
+    per_rank = unit // shards
+    if per_rank > 1:
+      detail += (f" x {per_rank} (SequenceParallelConfig.layout={sp.layout!r} chunks per rank"
+                 f" x the linear layers' chunk_size {model_cfg.linear_chunk_sizes()})")
+    raise ValueError(f"DataConfig.seq_len={data_cfg.seq_len} is not divisible by {unit}: "
+                     f"{detail}")
 
 
 def global_batch(m: ModelOnMesh, local_batch: dict) -> dict:

@@ -9,11 +9,14 @@ bandwidth-optimal (ring) algorithm for the grouped collectives of n devices:
   all-reduce      2(n-1)/n x the array             (reduce-scatter + all-gather)
   all-to-all      (n-1)/n x the array
   collective-permute  the array once per (source -> target) pair the device is a source of.
-Only the synchronous forms that XLA:CPU emits are parsed; async `-start`/`-done` pairs (GPU, TPU)
-are reported as unparsed so a count never silently drops them.
+A collective inside a while loop (a `lax.scan` / `fori_loop` body) runs once per iteration: it is
+counted `known_trip_count` times (nested loops multiply); a loop without a known trip count is an
+error rather than a guess. Only the synchronous forms that XLA:CPU emits are parsed; async
+`-start`/`-done` pairs (GPU, TPU) are reported as unparsed so a count never silently drops them.
 """
 
 import dataclasses
+import functools
 import re
 
 import numpy as np
@@ -35,6 +38,7 @@ class Collective:
   result_bytes: int
   groups: tuple[tuple[int, ...], ...]  # replica groups; empty for collective-permute
   pairs: tuple[tuple[int, int], ...]  # source -> target pairs of a collective-permute
+  executions: int = 1  # times it runs per program execution (loop trip counts)
 
 
 def _array_bytes(type_text: str) -> int:
@@ -63,10 +67,66 @@ def _groups(line: str, num_devices: int) -> tuple[tuple[int, ...], ...]:
   return (tuple(range(num_devices)),)
 
 
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*\{\s*$")
+_CALLEES = re.compile(r"(?:body|condition|to_apply|calls|true_computation|false_computation)="
+                      r"%?([^\s,}]+)")
+
+
+def _executions(hlo_text: str) -> dict[str, int | None]:
+  """Computation name -> times it runs per execution of the entry computation (None: unknown,
+  inside a loop with a data-dependent trip count)."""
+  calls: dict[str, list[tuple[str, int | None]]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(2)
+      calls.setdefault(current, [])
+      if header.group(1):
+        entry = current
+      continue
+    if current is None or "=" not in line:
+      continue
+    trips = 1
+    if re.search(r"\swhile\(", line):
+      known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+      trips = int(known.group(1)) if known else None
+    callees = _CALLEES.findall(line)
+    branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+    if branches:
+      callees += [c.strip().lstrip("%") for c in branches.group(1).split(",")]
+    for callee in callees:
+      calls[current].append((callee, trips))
+  callers: dict[str, list[tuple[str, int | None]]] = {}
+  for caller, edges in calls.items():
+    for callee, trips in edges:
+      callers.setdefault(callee, []).append((caller, trips))
+
+  @functools.cache
+  def runs(name):
+    if name == entry:
+      return 1
+    total = 0
+    for caller, trips in callers.get(name, []):
+      outer = runs(caller)
+      if outer is None or trips is None:
+        return None
+      total += outer * trips
+    return total
+
+  return {name: runs(name) for name in calls}
+
+
 def collectives(hlo_text: str, num_devices: int) -> tuple[list[Collective], list[str]]:
   """(parsed collectives, lines of async collectives that were not parsed)."""
   ops, unparsed = [], []
+  runs = _executions(hlo_text)
+  current = None
   for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(2)
+      continue
     m = _OP.match(line)
     if not m:
       continue
@@ -81,7 +141,11 @@ def collectives(hlo_text: str, num_devices: int) -> tuple[list[Collective], list
       groups = ()
     else:
       groups = _groups(line, num_devices)
-    ops.append(Collective(name, kind, _array_bytes(type_text), groups, pairs))
+    executions = runs.get(current, 1)
+    if executions is None:
+      raise ValueError(f"hlo_collectives: {name} runs inside a loop without a known trip count "
+                       "(its bytes cannot be counted)")
+    ops.append(Collective(name, kind, _array_bytes(type_text), groups, pairs, executions))
   return ops, unparsed
 
 
@@ -91,16 +155,17 @@ def bytes_sent_per_device(ops: list[Collective], num_devices: int) -> np.ndarray
   for op in ops:
     if op.kind == "collective-permute":
       for src, _ in op.pairs:
-        sent[src] += op.result_bytes
+        sent[src] += op.result_bytes * op.executions
       continue
     for group in op.groups:
       n = len(group)
       factor = {"all-gather": (n - 1) / n, "reduce-scatter": n - 1, "all-reduce": 2 * (n - 1) / n,
                 "all-to-all": (n - 1) / n}[op.kind]
       for d in group:
-        sent[d] += factor * op.result_bytes
+        sent[d] += factor * op.result_bytes * op.executions
   return sent
 
 
 def count(ops: list[Collective], kind: str) -> int:
-  return sum(op.kind == kind for op in ops)
+  """Executions of `kind` collectives (loop bodies counted once per iteration)."""
+  return sum(op.executions for op in ops if op.kind == kind)

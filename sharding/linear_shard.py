@@ -1,0 +1,176 @@
+"""Per-shard pieces shared by the sequence-parallel linear-attention methods (LASP-2 and ZeCO).
+
+Both methods take GLOBAL arrays in layout order (sharding.layout) and run one `jax.shard_map`
+over the mesh: batch over the data-parallel axes, length over `seq`, heads over `tensor`
+(sharding.specs). Rank r of the P sequence shards holds `layout.chunks_per_shard` pieces of
+c = T / num_chunks tokens (1 contiguous, 2 zigzag) whose global chunk ids are
+`layout.local_chunk_ids(r)`. Per piece, with the inclusive in-piece cumulative log-gate
+B_t = sum_{s<=t} g_s (per d_k, scalar, or 0 without a gate) and the recurrence
+S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t:
+
+  memory      M = sum_t exp(B_L - B_t) k_t^T v_t over the tokens after the piece's last segment
+              reset: the piece's state started from zero (one einsum, computed first);
+  transition  D = exp(B_L) (per d_k, scalar, or 1), zeroed when the state resets inside the piece
+              or at its first token; the state leaving the piece is then D * S_in + M;
+  intra       o_intra = linear_attention(piece, initial_state=None, segment_ids=piece ids): the
+              exact output from a zero entering state, independent of any communication;
+  inter       o_inter_t = scale (q_t * exp(B_t)) S_in for the tokens before the piece's first
+              reset (zero after it); out = o_intra + o_inter.
+
+S_in, the global state entering the piece (initial_state for global chunk 0), is what the methods
+communicate: they only supply `combine(m, decay, h0, rank) -> (s_in, final)`. Whether a piece's
+first token starts a new document depends on the last token of the previous global chunk, which
+lives on another rank: `chunk_start_flags` computes it outside the shard_map from the global
+segment ids and the flags enter sharded in layout order, one per piece.
+
+States are kept per query head (GQA repeats k and v for M; the intra op repeats them itself), in
+float32. A sequence-replicated `initial_state` enters every shard; the shard_map transpose sums
+its cotangent over `seq` in the backward, so passing one costs one all-reduce of a state there.
+The shard_map runs with check_vma=False because the single-device kernels it calls (chunked XLA,
+Pallas) are not written for varying-axis types; the methods' collectives are explicit.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from layers.linear_attention import _check, _log_gate, _repeat_kv, linear_attention
+from sharding import specs
+
+F32 = jnp.float32
+
+
+def chunk_start_flags(segment_ids, layout):
+  """bool [b, num_chunks] in layout order: the chunk's first token starts a new segment.
+
+  Chunk c > 0 starts a segment when its first id differs from the last id of chunk c - 1 (natural
+  order); chunk 0 never does (the initial state enters its first segment).
+  """
+  b, t = segment_ids.shape
+  n = layout.num_chunks
+  order = layout.chunk_table().reshape(-1)      # layout position -> global chunk id
+  position = np.argsort(order)                  # global chunk id -> layout position
+  pieces = segment_ids.reshape(b, n, t // n)
+  previous_last = pieces[:, position[np.maximum(order - 1, 0)], -1]
+  return (pieces[:, :, 0] != previous_last) & jnp.asarray(order > 0)[None]
+
+
+def final_owner(layout) -> tuple[int, int]:
+  """(rank, local piece) holding the last global chunk, where the final state is formed."""
+  rank, piece = np.argwhere(layout.chunk_table() == layout.num_chunks - 1)[0]
+  return int(rank), int(piece)
+
+
+def piece_masks(seg, flags):
+  """From piece ids [r, c] and start flags [r]: (before the first reset [r, c], after the last
+  reset [r, c], the piece resets somewhere [r]); a start flag counts as a reset at token 0."""
+  starts = jnp.concatenate([flags[:, None], seg[:, 1:] != seg[:, :-1]], axis=1)
+  run = jnp.cumsum(starts.astype(jnp.int32), axis=1)
+  return run == 0, run == run[:, -1:], run[:, -1] > 0
+
+
+def memory_state(k, v, cum, after):
+  """M [r, h, dk, dv] = sum_t exp(B_L - B_t) k_t^T v_t over the tokens after the last reset."""
+  k = k.astype(F32)
+  if cum is not None:
+    k = k * jnp.exp(cum[:, -1:] - cum)
+  if after is not None:
+    k = k * after[:, :, None, None]
+  return jnp.einsum("rthk,rthv->rhkv", k, v.astype(F32))
+
+
+def transition(cum, reset, rows: int, heads: int):
+  """D [r, h, dk or 1] = exp(B_L), zero where the piece resets."""
+  decay = jnp.ones((rows, heads, 1), F32) if cum is None else jnp.exp(cum[:, -1])
+  return decay if reset is None else jnp.where(reset[:, None, None], 0.0, decay)
+
+
+def inter_output(q, cum, before, s_in, scale: float):
+  """o_inter [r, c, h, dv] = scale (q_t * exp(B_t)) S_in before the piece's first reset."""
+  q = q.astype(F32)
+  if cum is not None:
+    q = q * jnp.exp(cum)
+  if before is not None:
+    q = q * before[:, :, None, None]
+  return scale * jnp.einsum("rthk,rhkv->rthv", q, s_in)
+
+
+def _shard_body(args, *, combine, layout, scale, impl, chunk_size, with_final):
+  q, k, v = args["q"], args["k"], args["v"]
+  g, h0, seg, flags = (args.get(name) for name in ("g", "h0", "seg", "flags"))
+  b, tl, h = q.shape[:3]
+  n = layout.chunks_per_shard
+  rows, c = b * n, tl // n
+  pieces = lambda x: x.reshape((rows, c) + x.shape[2:])
+  gk = _log_gate(g, b, tl, h)
+  cum = None if gk is None else jnp.cumsum(pieces(gk), axis=1)
+  before = after = reset = None
+  if seg is not None:
+    before, after, reset = piece_masks(pieces(seg), flags.reshape(rows))
+  # Local summaries first, then the communication, so the intra compute can overlap it.
+  m = memory_state(pieces(_repeat_kv(k, h)), pieces(_repeat_kv(v, h)), cum, after)
+  decay = transition(cum, reset, rows, h)
+  s_in, final = combine(m.reshape((b, n) + m.shape[1:]), decay.reshape((b, n) + decay.shape[1:]),
+                        h0, lax.axis_index(specs.SEQ_AXIS))
+  o_intra = linear_attention(pieces(q), pieces(k), pieces(v),
+                             g if g is None or g.ndim == 1 else pieces(g), scale=scale,
+                             segment_ids=None if seg is None else pieces(seg), impl=impl,
+                             chunk_size=chunk_size)
+  o_inter = inter_output(pieces(q), cum, before, s_in.reshape((rows,) + s_in.shape[2:]), scale)
+  o = (o_intra.astype(F32) + o_inter).reshape(b, tl, h, -1).astype(q.dtype)
+  return (o, final[None]) if with_final else o
+
+
+def _gate_spec(g, mesh):
+  if g.ndim == 1:
+    return specs.per_head_spec(mesh)
+  heads = specs.heads_spec(mesh)
+  return heads if g.ndim == 4 else P(*heads[:3])
+
+
+def check_inputs(q, k, v, g, *, layout, initial_state, segment_ids, chunk_size, mesh, what):
+  """linear_attention's checks plus the mesh and layout ones; returns the resolved mesh."""
+  _check(q, k, v, g, initial_state, segment_ids, chunk_size)
+  mesh = specs.resolve_mesh(mesh)
+  if layout.shards != specs.seq_degree(mesh):
+    raise ValueError(f"{what}: layout.shards={layout.shards} must equal the mesh's seq size "
+                     f"{specs.seq_degree(mesh)} (MeshConfig.seq)")
+  specs.check_divisible(mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], what=what)
+  layout.check_length(q.shape[1], multiple=chunk_size, what=f"{what}: sequence length")
+  return mesh
+
+
+def sequence_parallel(combine, q, k, v, g, *, layout, scale, initial_state, output_final_state,
+                      segment_ids, impl, chunk_size, mesh, what):
+  """Validates, then runs the shared per-shard body with `combine` supplying S_in and the final
+  state; returns o (layout order) or (o, final_state [b, h, d_k, d_v] float32)."""
+  mesh = check_inputs(q, k, v, g, layout=layout, initial_state=initial_state,
+                      segment_ids=segment_ids, chunk_size=chunk_size, mesh=mesh, what=what)
+  heads = specs.heads_spec(mesh)
+  args, in_specs = {"q": q, "k": k, "v": v}, {"q": heads, "k": heads, "v": heads}
+  if g is not None:
+    args["g"], in_specs["g"] = g, _gate_spec(g, mesh)
+  if initial_state is not None:
+    args["h0"], in_specs["h0"] = initial_state.astype(F32), specs.state_spec(mesh)
+  if segment_ids is not None:
+    args["seg"], in_specs["seg"] = segment_ids, specs.tokens_spec(mesh)
+    args["flags"], in_specs["flags"] = chunk_start_flags(segment_ids, layout), in_specs["seg"]
+  body = functools.partial(_shard_body, combine=combine, layout=layout,
+                           scale=q.shape[3] ** -0.5 if scale is None else scale, impl=impl,
+                           chunk_size=chunk_size, with_final=output_final_state)
+  out_specs = heads
+  if output_final_state:
+    out_specs = (heads, P(specs.SEQ_AXIS, *specs.state_spec(mesh)))
+  # check_vma=False: the single-device kernels (their scans' zero carries, custom_vjp cotangents,
+  # pallas_call out_shapes) carry no varying-axis types. The transpose still sums the cotangents
+  # of the seq-replicated inputs (initial_state, a [h] gate) over the axes they are replicated on.
+  out = jax.shard_map(body, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs,
+                      check_vma=False)(args)
+  if not output_final_state:
+    return out
+  o, finals = out
+  return o, finals[final_owner(layout)[0]]

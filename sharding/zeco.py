@@ -1,0 +1,153 @@
+"""ZeCO sequence-parallel (gated) linear attention: the pipelined All-Scan of piece states.
+
+Each rank summarizes each of its pieces (sharding.linear_shard) by its state from zero M and its
+transition D (exp of the piece's cumulative log-gate, per d_k or scalar, 1 without a gate, 0 where
+the state resets in the piece or at its first token). The state entering global chunk c obeys
+  S_in(0) = initial_state (or 0),   S_in(c+1) = D_c * S_in(c) + M_c,
+so the state leaving a chunk, OUT_c = D_c * S_in(c) + M_c, is what the next chunk's rank needs.
+D is diagonal in d_k, so the recurrence splits into K independent row blocks of the [d_k, d_v]
+state (K = `scan_blocks`, clamped to the largest divisor of d_k that is <= scan_blocks, so that
+all blocks have one shape; d_k = 5 gives K = 1, d_k = 128 with scan_blocks = 4 gives K = 4).
+
+All-Scan schedule. Number the transitions between consecutive global chunks held by different
+ranks m = 0, 1, ... in chunk order. Block k of transition m is sent at time step tau = m + k by one
+`lax.ppermute` whose static permutation holds only the pairs active at tau (ranks outside it
+receive zeros); the receiver stores it as block k of its S_in, combines it with its own D and M and
+forwards block k of its OUT at tau + 1. Consecutive chunks on the same rank (zigzag's turn at rank
+P-1) combine locally. The chain takes (#transitions + K - 1) steps of one block each, about
+tau(S) + (P-2) tau(S) / K for a state transfer time tau(S) against LASP-1's (P-1) tau(S); the
+intra-piece attention never depends on it, so it can hide the scan.
+  contiguous  transitions r -> r+1 for r = 0..P-2: P-1+K-1 steps; every rank but the last sends
+              exactly ONE state (its K blocks, B*H*d_k*d_v floats) and every rank but the first
+              receives one: the minimal volume.
+  zigzag      global order visits ranks 0..P-1 (first pieces) then P-1..0 (second pieces): a +1
+              leg and a -1 leg, 2(P-1)+K-1 steps, one ppermute per active direction and step;
+              each rank sends one state per neighbour (inner ranks two states in all).
+The final state (after the last global token) is formed on the rank holding the last chunk
+(P-1 contiguous, 0 zigzag).
+
+Backward: by autodiff. Each ppermute transposes into the reversed pairs at the mirrored time
+step, which is exactly the reverse scan of the state cotangents: again one state per rank and
+leg. An `initial_state` adds one all-reduce of its state cotangent.
+"""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sharding import specs
+from sharding.linear_shard import final_owner, sequence_parallel
+
+
+def scan_block_count(scan_blocks: int, dk: int) -> int:
+  """The largest divisor of d_k that is <= scan_blocks (equal-shape blocks for ppermute)."""
+  return max(d for d in range(1, min(scan_blocks, dk) + 1) if dk % d == 0)
+
+
+def schedule(layout, blocks: int) -> list[list[tuple]]:
+  """Static All-Scan steps; each step lists (pairs, send_slot [P], recv_slot [P]) per direction.
+
+  A slot is piece * blocks + block of a rank's [pieces * blocks] state blocks; -1: not involved.
+  """
+  table = layout.chunk_table()
+  owner = {int(c): (r, j) for (r, j), c in np.ndenumerate(table)}
+  remote = [c for c in range(layout.num_chunks - 1) if owner[c][0] != owner[c + 1][0]]
+  steps = []
+  for tau in range(len(remote) + blocks - 1 if remote else 0):
+    groups = {}
+    for m, c in enumerate(remote):
+      k = tau - m
+      if 0 <= k < blocks:
+        (src, j), (dst, j_next) = owner[c], owner[c + 1]
+        pairs, send, recv = groups.setdefault(
+            dst - src, ([], np.full(layout.shards, -1), np.full(layout.shards, -1)))
+        pairs.append((src, dst))
+        send[src], recv[dst] = j * blocks + k, j_next * blocks + k
+    steps.append(list(groups.values()))
+  return steps
+
+
+def _local_turns(layout) -> np.ndarray:
+  """bool [P]: the rank's second piece directly follows its first in global order."""
+  table = layout.chunk_table()
+  if layout.chunks_per_shard == 1:
+    return np.zeros(layout.shards, bool)
+  return table[:, 1] == table[:, 0] + 1
+
+
+def _combine(m, decay, h0, rank, *, layout, scan_blocks):
+  """All-Scan of the piece states; returns this rank's S_in [b, n, h, dk, dv] and its OUT of the
+  piece position that holds the last global chunk on its owner (the final state there)."""
+  b, n, h, dk, dv = m.shape
+  blocks = scan_block_count(scan_blocks, dk)
+  kb = dk // blocks
+
+  def slots(x):
+    """[b, n, h, blocks, ...] -> [n * blocks, b, h, ...] (slot = piece * blocks + block)."""
+    x = jnp.moveaxis(x, (1, 3), (0, 1))
+    return x.reshape((n * blocks,) + x.shape[2:])
+
+  m_slots = slots(m.reshape(b, n, h, blocks, kb, dv))
+  d_slots = slots(jnp.broadcast_to(decay[:, :, :, None], (b, n, h, blocks, 1))
+                  if decay.shape[-1] == 1 else decay.reshape(b, n, h, blocks, kb))[..., None]
+  turn = jnp.asarray(_local_turns(layout))[rank]
+  take = lambda x, i: lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+  def out_block(inbuf, slot):
+    """Block `slot` of the state leaving the piece (after the rank's local turn if any)."""
+    x = take(inbuf, slot)
+    if n > 1:
+      first = slot % blocks
+      x = jnp.where(turn & (slot >= blocks),
+                    take(d_slots, first) * take(inbuf, first) + take(m_slots, first), x)
+    return take(d_slots, slot) * x + take(m_slots, slot)
+
+  inbuf = jnp.zeros_like(m_slots)
+  if h0 is not None:  # global chunk 0 is rank 0's first piece in every layout
+    h0_blocks = jnp.moveaxis(h0.reshape(b, h, blocks, kb, dv), 2, 0)
+    inbuf = inbuf.at[:blocks].set(jnp.where(rank == 0, h0_blocks, 0.0))
+  for step in schedule(layout, blocks):
+    received = []
+    for pairs, send, recv in step:
+      value = out_block(inbuf, jnp.maximum(jnp.asarray(send)[rank], 0))
+      received.append((lax.ppermute(value, specs.SEQ_AXIS, perm=pairs), jnp.asarray(recv)[rank]))
+    for value, slot in received:
+      index = jnp.maximum(slot, 0)
+      kept = jnp.where(slot >= 0, value, take(inbuf, index))
+      inbuf = lax.dynamic_update_index_in_dim(inbuf, kept, index, 0)
+  s_in = jnp.moveaxis(inbuf.reshape(n, blocks, b, h, kb, dv), (0, 1), (1, 3)).reshape(m.shape)
+  if n > 1:
+    after_first = decay[:, 0, :, :, None] * s_in[:, 0] + m[:, 0]
+    s_in = s_in.at[:, 1].set(jnp.where(turn, after_first, s_in[:, 1]))
+  j = final_owner(layout)[1]
+  return s_in, decay[:, j, :, :, None] * s_in[:, j] + m[:, j]
+
+
+def zeco_linear_attention(q, k, v, g=None, *, layout, scale: float | None = None,
+                          initial_state=None, output_final_state: bool = False, segment_ids=None,
+                          impl: str = "auto", chunk_size: int = 64, scan_blocks: int = 4,
+                          mesh=None):
+  """Sequence-parallel `layers.linear_attention.linear_attention` by ZeCO's All-Scan.
+
+  Args:
+    q, k, v, g, scale, initial_state, output_final_state, segment_ids, impl, chunk_size: as in
+      linear_attention; q, k, v, [b,t,h(,d_k)] gates and segment ids are GLOBAL arrays in
+      `layout` order along the length axis.
+    layout: sharding.layout.SeqLayout; contiguous gives the minimal volume, zigzag is correct
+      with one state per neighbour. layout.shards must equal the mesh's seq size.
+    scan_blocks: K, the number of pipelined blocks along d_k; clamped to the largest divisor of
+      d_k that is <= scan_blocks.
+    mesh: a mesh with a `seq` axis; default the mesh of the surrounding `jax.set_mesh`.
+  Returns:
+    o [b, t, h, d_v] in layout order, or (o, final_state [b, h, d_k, d_v] float32).
+  """
+  if scan_blocks < 1:
+    raise ValueError(f"zeco_linear_attention: scan_blocks={scan_blocks} "
+                     "(SequenceParallelConfig.scan_blocks) must be >= 1")
+  combine = functools.partial(_combine, layout=layout, scan_blocks=scan_blocks)
+  return sequence_parallel(combine, q, k, v, g, layout=layout, scale=scale,
+                           initial_state=initial_state, output_final_state=output_final_state,
+                           segment_ids=segment_ids, impl=impl, chunk_size=chunk_size, mesh=mesh,
+                           what="zeco_linear_attention")
