@@ -23,7 +23,8 @@ from layers.kernels.linear_chunked import chunked_linear_attention
 from layers.kernels.linear_reference import linear_attention_reference, recurrent_step
 
 
-def _check(q, k, v, g, initial_state, segment_ids, chunk_size):
+def check_arguments(q, k, v, g, initial_state, segment_ids, chunk_size):
+  """The op's argument checks (ValueErrors naming the argument); shared with sharding/."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"linear_attention: q, k, v must be [b, t, h, d]; got q{q.shape} k{k.shape} "
                      f"v{v.shape}")
@@ -51,7 +52,7 @@ def _check(q, k, v, g, initial_state, segment_ids, chunk_size):
     raise ValueError(f"linear_attention: chunk_size={chunk_size} must be a positive multiple of 16")
 
 
-def _log_gate(g, b, t, h):
+def kernel_log_gate(g, b, t, h):
   """The gate in the kernels' form: None, [b, t, h, 1] (scalar) or [b, t, h, d_k], float32."""
   if g is None:
     return None
@@ -63,7 +64,8 @@ def _log_gate(g, b, t, h):
   return g
 
 
-def _repeat_kv(x, h):
+def repeat_kv(x, h):
+  """Repeats the kv heads of x [b, t, hk, d] up to h query heads (GQA)."""
   return x if x.shape[2] == h else jnp.repeat(x, h // x.shape[2], axis=2)
 
 
@@ -84,11 +86,11 @@ def linear_attention(q, k, v, g=None, *, scale: float | None = None, initial_sta
   Returns:
     o [b, t, h, d_v] in q's dtype, or (o, final_state [b, h, d_k, d_v] float32).
   """
-  _check(q, k, v, g, initial_state, segment_ids, chunk_size)
+  check_arguments(q, k, v, g, initial_state, segment_ids, chunk_size)
   b, t, h, dk = q.shape
   scale = dk ** -0.5 if scale is None else scale
-  k, v = _repeat_kv(k, h), _repeat_kv(v, h)
-  gk = _log_gate(g, b, t, h)
+  k, v = repeat_kv(k, h), repeat_kv(v, h)
+  gk = kernel_log_gate(g, b, t, h)
   chosen = dispatch.resolve_impl("linear_attention", impl)
   kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
   if chosen == "reference":
@@ -117,7 +119,7 @@ def linear_attention_step(q, k, v, g=None, *, state, scale: float | None = None)
                      f"v{v.shape}")
   scale = dk ** -0.5 if scale is None else scale
   f32 = lambda x: x.astype(jnp.float32)
-  k4, v4 = _repeat_kv(k[:, None], h)[:, 0], _repeat_kv(v[:, None], h)[:, 0]
+  k4, v4 = repeat_kv(k[:, None], h)[:, 0], repeat_kv(v[:, None], h)[:, 0]
   gk = None
   if g is not None:
     g = f32(g)

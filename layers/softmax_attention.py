@@ -50,7 +50,8 @@ def _check_block_size(block_size):
                      "(block_q, block_k) of positive ints")
 
 
-def _validate(q, k, v, scale, causal, window, segment_ids, sinks, block_size):
+def validate_arguments(q, k, v, scale, causal, window, segment_ids, sinks, block_size):
+  """The op's argument checks (ValueErrors naming the argument); shared with sharding/."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4:
       raise ValueError(f"{FAMILY}: {name} must be 4-D [batch, time, heads, head_dim], got shape "
@@ -106,7 +107,7 @@ def softmax_attention(q, k, v, *, scale: float | None = None, causal: bool = Tru
   Returns:
     [b, t, h, d] in q's dtype.
   """
-  _validate(q, k, v, scale, causal, window, segment_ids, sinks, block_size)
+  validate_arguments(q, k, v, scale, causal, window, segment_ids, sinks, block_size)
   chosen = dispatch.resolve_impl(FAMILY, impl)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   window = None if window is None else int(window)

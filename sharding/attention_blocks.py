@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 
 from layers.kernels import flash_common as fc
-from layers.softmax_attention import _validate
+from layers.softmax_attention import validate_arguments
 from sharding import specs
 from sharding.layout import SeqLayout
 
@@ -68,7 +68,7 @@ class Tiles:
 
 def prepare(what, q, k, v, *, layout, scale, window, segment_ids, sinks, mesh, block_size):
   """Validates a call; returns (Tiles, mesh, scale). Raises ValueErrors naming the settings."""
-  _validate(q, k, v, scale, True, window, segment_ids, sinks, block_size)
+  validate_arguments(q, k, v, scale, True, window, segment_ids, sinks, block_size)
   if not isinstance(layout, SeqLayout):
     raise ValueError(f"{what}: layout must be a sharding.layout.SeqLayout, got {layout!r}")
   b, t, h, _ = q.shape

@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from layers.linear_attention import _check, _log_gate, _repeat_kv, linear_attention
+from layers.linear_attention import check_arguments, kernel_log_gate, linear_attention, repeat_kv
 from sharding import specs
 
 F32 = jnp.float32
@@ -106,13 +106,13 @@ def _shard_body(args, *, combine, layout, scale, impl, chunk_size, with_final):
   n = layout.chunks_per_shard
   rows, c = b * n, tl // n
   pieces = lambda x: x.reshape((rows, c) + x.shape[2:])
-  gk = _log_gate(g, b, tl, h)
+  gk = kernel_log_gate(g, b, tl, h)
   cum = None if gk is None else jnp.cumsum(pieces(gk), axis=1)
   before = after = reset = None
   if seg is not None:
     before, after, reset = piece_masks(pieces(seg), flags.reshape(rows))
   # Local summaries first, then the communication, so the intra compute can overlap it.
-  m = memory_state(pieces(_repeat_kv(k, h)), pieces(_repeat_kv(v, h)), cum, after)
+  m = memory_state(pieces(repeat_kv(k, h)), pieces(repeat_kv(v, h)), cum, after)
   decay = transition(cum, reset, rows, h)
   s_in, final = combine(m.reshape((b, n) + m.shape[1:]), decay.reshape((b, n) + decay.shape[1:]),
                         h0, lax.axis_index(specs.SEQ_AXIS))
@@ -134,7 +134,7 @@ def _gate_spec(g, mesh):
 
 def check_inputs(q, k, v, g, *, layout, initial_state, segment_ids, chunk_size, mesh, what):
   """linear_attention's checks plus the mesh and layout ones; returns the resolved mesh."""
-  _check(q, k, v, g, initial_state, segment_ids, chunk_size)
+  check_arguments(q, k, v, g, initial_state, segment_ids, chunk_size)
   mesh = specs.resolve_mesh(mesh)
   if layout.shards != specs.seq_degree(mesh):
     raise ValueError(f"{what}: layout.shards={layout.shards} must equal the mesh's seq size "
