@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 
+from experiments.spike_stats import run_spike_stats
 from lctx import data as data_lib
 from lctx.checkpoint import Checkpointer
 from lctx.generate import generate
@@ -74,4 +75,6 @@ def run_generate(workdir: str, configs: dict) -> int:
   return 0
 
 
-MODES = {"train": run_train, "eval": run_eval_mode, "generate": run_generate}
+MODES = {"train": run_train, "eval": run_eval_mode, "generate": run_generate,
+         "spike_stats": lambda workdir, configs: run_spike_stats(workdir, configs,
+                                                                 _restore_params)}

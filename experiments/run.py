@@ -1,4 +1,4 @@
-"""The lctx entry point: read gin files and overrides, then train, evaluate or generate.
+"""The lctx entry point: read gin files and overrides, then train, evaluate, generate or report.
 
   python -m experiments.run --gin_file=gin/quickstart.gin --workdir=/tmp/run \
       [--gin_file=more.gin ...] [--gin.NAME=VALUE ...]
@@ -19,13 +19,14 @@ import sys
 import gin
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("train", "eval", "generate")
+MODES = ("train", "eval", "generate", "spike_stats")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """mode: "train" (train or resume in the workdir), "eval" (evaluate the latest checkpoint) or
-  "generate" (continue GenerateConfig.prompt with the latest checkpoint)."""
+  """mode: "train" (train or resume in the workdir), "eval" (evaluate the latest checkpoint),
+  "generate" (continue GenerateConfig.prompt with the latest checkpoint) or "spike_stats" (the
+  spiking statistics of the latest checkpoint, experiments/spike_stats.py)."""
 
   mode: str = "train"
 

@@ -2,8 +2,18 @@
 
 The attention itself is `layers.softmax_attention.softmax_attention` (reference, flash XLA or
 Pallas, chosen by `AttentionConfig.impl`), or its sequence-parallel form (ring attention or an
-all-gather of K and V) when the mixer's `sequence_parallel` config and the mesh ask for one. Decoding uses its KVCache: one slot per position for
-full attention, a ring buffer of `window` slots for sliding-window layers.
+all-gather of K and V) when the mixer's `sequence_parallel` config and the mesh ask for one.
+Decoding uses its KVCache: one slot per position for full attention, a ring buffer of `window`
+slots for sliding-window layers.
+
+Two mixers are registered: "attention" (AttentionConfig; full causal unless `window` is set) and
+"swa" (SlidingWindowConfig: the same mixer with its own config whose window is required), so that
+one model can hold sliding-window and full-attention layers with different settings.
+
+Spiking (the mixer's `spiking` SpikeConfig, layers/spiking.py): the input of the q/k/v
+projections ("mixer_in"), the queries after RoPE ("attention_q", one threshold per token and
+head) and the input of the output projection ("mixer_out") spike; K and V may be INT8
+fake-quantized per token and the weights group-wise.
 """
 
 import dataclasses
@@ -16,7 +26,9 @@ from layers.heads import HeadsConfig
 from layers.kernels.dispatch import IMPLS
 from layers.registry import Mixer, register_mixer
 from layers.rope import apply_rope
+from layers.sink_tokens import merge_sink_tokens
 from layers.softmax_attention import KVCache, cached_attention, init_kv_cache, softmax_attention
+from layers.spiking import maybe_quantize_kv, maybe_quantize_weight, spike_input
 from sharding.sequence import SequenceParallelConfig, parallel_softmax_attention
 
 
@@ -36,6 +48,8 @@ class AttentionConfig(HeadsConfig):
       backend).
     block_size: flash block size; None is the implementation's default.
     sinks: learnable per-head sink logits (gpt-oss style), initialised to 0.
+    sink_tokens: number of learnable sink tokens (a key and a value per kv head each) that every
+      query attends to whatever its window or document (SpikingBrain-76B uses 128); 0 for none.
   """
 
   rope_base: float = 10_000.0
@@ -45,9 +59,12 @@ class AttentionConfig(HeadsConfig):
   impl: str = "auto"
   block_size: int | None = None
   sinks: bool = False
+  sink_tokens: int = 0
 
   def __post_init__(self):
     super().__post_init__()
+    if self.sink_tokens < 0:
+      raise ValueError(f"{type(self).__name__}.sink_tokens={self.sink_tokens} must be >= 0")
     if self.use_rope and self.head_dim is not None and self.head_dim % 2:
       raise ValueError(f"AttentionConfig.head_dim={self.head_dim} must be even with RoPE")
     if self.window is not None and self.window < 0:
@@ -72,11 +89,12 @@ class SoftmaxAttention(Mixer):
   def __call__(self, x_bte, *, positions_bt, segment_ids_bt=None, decode: bool = False):
     cfg, e = self.config, self.d_model
     h, kh, d = cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim(e)
-    x = x_bte.astype(self.dtype)
+    x = spike_input(self, x_bte.astype(self.dtype), "mixer_in", self.spiking)
 
     def proj(name, heads, axis):
       w = P.param(self, name, P.dense_init(e), (e, heads, d), ("embed", axis, "head_dim"),
                   self.param_dtype)
+      w = maybe_quantize_weight(w, self.spiking, fan_in_axes=(0,))
       y = jnp.einsum("bte,ehd->bthd", x, w.astype(self.dtype))
       if cfg.qkv_bias:
         bias = P.param(self, name + "_bias", nn.initializers.zeros, (heads, d), (axis, "head_dim"),
@@ -88,21 +106,34 @@ class SoftmaxAttention(Mixer):
     if cfg.use_rope:
       q = apply_rope(q, positions_bt, cfg.rope_base)
       k = apply_rope(k, positions_bt, cfg.rope_base)
+    q = spike_input(self, q, "attention_q", self.spiking)
+    k = maybe_quantize_kv(k, self.spiking, token_axes=(0, 1))
+    v = maybe_quantize_kv(v, self.spiking, token_axes=(0, 1))
 
     sinks = None
     if cfg.sinks:
       sinks = P.param(self, "sinks", nn.initializers.zeros, (h,), ("heads",), self.param_dtype)
+    sink_kv = None
+    if cfg.sink_tokens:
+      init = nn.initializers.normal(0.02)
+      sink_kv = tuple(P.param(self, name, init, (cfg.sink_tokens, kh, d),
+                              (None, "kv_heads", "head_dim"), self.param_dtype).astype(self.dtype)
+                      for name in ("sink_keys", "sink_values"))
     if decode:
-      o = self._decode(q, k, v, sinks)
+      o = self._decode(q, k, v, sinks, sink_kv)
     else:
       o = parallel_softmax_attention(self.sequence_parallel or SequenceParallelConfig(), q, k, v,
                                      window=cfg.window, segment_ids=segment_ids_bt, sinks=sinks,
-                                     impl=cfg.impl, block_size=cfg.block_size)
+                                     sink_tokens=sink_kv, impl=cfg.impl,
+                                     block_size=cfg.block_size)
+    # One threshold per token over all heads: the output projection's input is h * d channels.
+    o = spike_input(self, o.reshape(*o.shape[:2], -1), "mixer_out", self.spiking).reshape(o.shape)
     w_o = P.param(self, "o", P.dense_init(h * d), (h, d, e), ("heads", "head_dim", "embed"),
                   self.param_dtype)
+    w_o = maybe_quantize_weight(w_o, self.spiking, fan_in_axes=(0, 1))
     return jnp.einsum("bthd,hde->bte", o, w_o.astype(self.dtype))
 
-  def _decode(self, q_bthd, k_btkd, v_btkd, sinks):
+  def _decode(self, q_bthd, k_btkd, v_btkd, sinks, sink_kv):
     """Attention of the new tokens over the "cache" collection, which it then updates.
 
     The cache is created (zeros) when absent, sized by the creating call's length: `generate`
@@ -116,10 +147,36 @@ class SoftmaxAttention(Mixer):
     cache_k = self.variable("cache", "key", lambda: empty().key)
     cache_v = self.variable("cache", "value", lambda: empty().value)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    with_lse = sink_kv is not None
     if not initialized:
-      return softmax_attention(q_bthd, k_btkd, v_btkd, window=cfg.window, sinks=sinks,
-                               impl=cfg.impl, block_size=cfg.block_size)
-    cache = KVCache(cache_k.value, cache_v.value, index.value)
-    o, cache = cached_attention(cache, q_bthd, k_btkd, v_btkd, window=cfg.window, sinks=sinks)
-    cache_k.value, cache_v.value, index.value = cache
+      o = softmax_attention(q_bthd, k_btkd, v_btkd, window=cfg.window, sinks=sinks,
+                            impl=cfg.impl, block_size=cfg.block_size, return_lse=with_lse)
+    else:
+      cache = KVCache(cache_k.value, cache_v.value, index.value)
+      o, cache = cached_attention(cache, q_bthd, k_btkd, v_btkd, window=cfg.window, sinks=sinks,
+                                  return_lse=with_lse)
+      cache_k.value, cache_v.value, index.value = cache
+    if with_lse:
+      o = merge_sink_tokens(*o, q_bthd, *sink_kv, scale=q_bthd.shape[-1] ** -0.5)
     return o
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindowConfig(AttentionConfig):
+  """AttentionConfig of the "swa" mixer; `window` is required (SpikingBrain-7B: 4096)."""
+
+  window: int | None = 4096
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.window is None:
+      raise ValueError("SlidingWindowConfig.window must be set (use the 'attention' mixer for "
+                       "full attention)")
+
+
+@register_mixer("swa")
+class SlidingWindowAttention(SoftmaxAttention):
+  """Softmax attention with a sliding window, configured separately from "attention"."""
+
+  Config = SlidingWindowConfig
+  config: SlidingWindowConfig

@@ -11,6 +11,9 @@ project back. They differ only in the log-gate:
 Without decode the attention may be sequence-parallel (LASP-2 or ZeCO, see sharding/sequence.py).
 With decode=True the recurrent state [b, h, d_k, d_v] lives in the "cache" collection, so each
 decoded token costs O(1).
+Spiking (the mixer's `spiking` SpikeConfig, layers/spiking.py): the input of the q/k/v/gate
+projections ("mixer_in") and of the output projection ("mixer_out") spike; weights may be INT8
+fake-quantized group-wise.
 """
 
 import dataclasses
@@ -26,6 +29,7 @@ from layers.kernels.dispatch import IMPLS
 from layers.linear_attention import linear_attention, linear_attention_step
 from layers.norms import RMSNorm
 from layers.registry import Mixer, register_mixer
+from layers.spiking import maybe_quantize_weight, spike_input
 from sharding.sequence import SequenceParallelConfig, parallel_linear_attention
 
 
@@ -40,6 +44,8 @@ class LinearAttentionConfig(HeadsConfig):
     feature_map: one of identity, relu, sigmoid, hedgehog (applied to q and k).
     output_norm: per-head RMSNorm of the mixer output.
     output_gate: multiply the output by silu(x W_g) before the output projection.
+    qkv_bias: biases on the q, k, v projections (SpikingBrain-7B's GLA layers reuse Qwen2.5's
+      biased q, k, v projections).
     impl: reference, xla, pallas or auto (see layers.kernels.dispatch).
     chunk_size: chunk length of the chunked paths (a multiple of 16).
   """
@@ -47,6 +53,7 @@ class LinearAttentionConfig(HeadsConfig):
   feature_map: str = "identity"
   output_norm: bool = True
   output_gate: bool = False
+  qkv_bias: bool = False
   impl: str = "auto"
   chunk_size: int = 64
 
@@ -112,25 +119,34 @@ class _LinearMixer(Mixer):
     del positions_bt  # linear attention here is position-free (no RoPE)
     cfg, e = self.config, self.d_model
     h, kh, d = cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim(e)
-    x = x_bte.astype(self.dtype)
+    x = spike_input(self, x_bte.astype(self.dtype), "mixer_in", self.spiking)
 
-    def proj(name, heads, axis):
+    def proj(name, heads, axis, bias=False):
       w = P.param(self, name, P.dense_init(e), (e, heads, d), ("embed", axis, "head_dim"),
                   self.param_dtype)
-      return jnp.einsum("bte,ehd->bthd", x, w.astype(self.dtype))
+      w = maybe_quantize_weight(w, self.spiking, fan_in_axes=(0,))
+      y = jnp.einsum("bte,ehd->bthd", x, w.astype(self.dtype))
+      if bias:
+        b = P.param(self, name + "_bias", nn.initializers.zeros, (heads, d), (axis, "head_dim"),
+                    self.param_dtype)
+        y = y + b.astype(self.dtype)
+      return y
 
     fmap = lambda name: FeatureMap(cfg.feature_map, self.dtype, self.param_dtype, name=name)
-    q = fmap("q_map")(proj("q", h, "heads"))
-    k = fmap("k_map")(proj("k", kh, "kv_heads"))
-    v = proj("v", kh, "kv_heads")
+    q = fmap("q_map")(proj("q", h, "heads", cfg.qkv_bias))
+    k = fmap("k_map")(proj("k", kh, "kv_heads", cfg.qkv_bias))
+    v = proj("v", kh, "kv_heads", cfg.qkv_bias)
     g = self.log_gate(x, h, feature_dim(cfg.feature_map, d))
     o = self._mix(q, k, v, g, segment_ids_bt, decode)
     if cfg.output_norm:
       o = RMSNorm(1e-6, self.dtype, self.param_dtype, axis_name="head_dim", name="o_norm")(o)
     if cfg.output_gate:
       o = o * jax.nn.silu(proj("gate", h, "heads"))
+    # One threshold per token over all heads: the output projection's input is h * d channels.
+    o = spike_input(self, o.reshape(*o.shape[:2], -1), "mixer_out", self.spiking).reshape(o.shape)
     w_o = P.param(self, "o", P.dense_init(h * d), (h, d, e), ("heads", "head_dim", "embed"),
                   self.param_dtype)
+    w_o = maybe_quantize_weight(w_o, self.spiking, fan_in_axes=(0, 1))
     return jnp.einsum("bthd,hde->bte", o.astype(self.dtype), w_o.astype(self.dtype))
 
   def _mix(self, q, k, v, g, segment_ids_bt, decode):
@@ -186,6 +202,8 @@ class GLA(_LinearMixer):
                  self.param_dtype)
     w2 = P.param(self, "gate_up", P.dense_init(cfg.gate_rank), (cfg.gate_rank, num_heads, key_dim),
                  (None, "heads", "head_dim"), self.param_dtype)
+    w1 = maybe_quantize_weight(w1, self.spiking, fan_in_axes=(0,))
+    w2 = maybe_quantize_weight(w2, self.spiking, fan_in_axes=(0,))
     bias = P.param(self, "gate_bias", nn.initializers.zeros, (num_heads, key_dim),
                    ("heads", "head_dim"), self.param_dtype)
     z = jnp.einsum("bte,er,rhd->bthd", x_bte.astype(jnp.float32), w1.astype(jnp.float32),

@@ -1,10 +1,17 @@
-"""SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
+"""SwiGLU feed-forward block: down(silu(gate(x)) * up(x)).
+
+With a SpikeConfig (layers/spiking.py) the block's input ("mlp_in") and the input of the down
+projection ("mlp_hidden") spike, and the weights may be INT8 fake-quantized group-wise.
+"""
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from layers import params as P
+from layers.spiking import maybe_quantize_weight, spike_input
 
 
 class SwiGLU(nn.Module):
@@ -12,13 +19,19 @@ class SwiGLU(nn.Module):
   d_ff: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  spiking: Any = None
 
   @nn.compact
   def __call__(self, x_bte):
     e, f = self.d_model, self.d_ff
-    w_gate = P.param(self, "gate", P.dense_init(e), (e, f), ("embed", "mlp"), self.param_dtype)
-    w_up = P.param(self, "up", P.dense_init(e), (e, f), ("embed", "mlp"), self.param_dtype)
-    w_down = P.param(self, "down", P.dense_init(f), (f, e), ("mlp", "embed"), self.param_dtype)
-    x = x_bte.astype(self.dtype)
-    h = jax.nn.silu(x @ w_gate.astype(self.dtype)) * (x @ w_up.astype(self.dtype))
-    return h @ w_down.astype(self.dtype)
+
+    def weight(name, shape, axes):
+      w = P.param(self, name, P.dense_init(shape[0]), shape, axes, self.param_dtype)
+      return maybe_quantize_weight(w, self.spiking, fan_in_axes=(0,)).astype(self.dtype)
+
+    w_gate = weight("gate", (e, f), ("embed", "mlp"))
+    w_up = weight("up", (e, f), ("embed", "mlp"))
+    w_down = weight("down", (f, e), ("mlp", "embed"))
+    x = spike_input(self, x_bte.astype(self.dtype), "mlp_in", self.spiking)
+    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+    return spike_input(self, h, "mlp_hidden", self.spiking) @ w_down

@@ -3,7 +3,9 @@
 A mixer is a Flax Linen module class with the constructor fields
 `config` (its own frozen config dataclass, default `cls.Config()`), `d_model`, `layer_index`,
 `num_layers` (depth-dependent schedules use both), `dtype`, `param_dtype`, `sequence_parallel`
-(a sharding.sequence.SequenceParallelConfig, or None for single-device ops), and the call signature
+(a sharding.sequence.SequenceParallelConfig, or None for single-device ops), `spiking` (a
+layers.spiking.SpikeConfig, or None: which projection inputs spike and which weights are INT8
+fake-quantized), and the call signature
 `__call__(x_bte, *, positions_bt, segment_ids_bt, decode=False) -> y_bte`.
 With `decode=True` the mixer keeps whatever it needs for incremental decoding in the Flax
 "cache" collection and treats `positions_bt` as absolute positions of the new tokens; decoding is
@@ -38,6 +40,7 @@ class Mixer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   sequence_parallel: Any = None
+  spiking: Any = None
 
 
 def register_mixer(name: str) -> Callable[[T], T]:

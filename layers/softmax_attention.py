@@ -13,6 +13,10 @@ query t sees key s iff (not causal or s <= t) and (no window or t - s <= window)
 segment_ids[t] == segment_ids[s]. Sinks are per-head logits that join every row's softmax
 denominator without a value (gpt-oss), so a row may put weight on "nothing".
 
+`return_lse=True` (here and in `cached_attention`) also returns each row's logsumexp, which is
+differentiable: it lets another attention part be merged in exactly afterwards (e.g. the sink
+tokens of layers/sink_tokens.py).
+
 Decoding keeps a KVCache. A full-attention layer's cache has one slot per position up to the
 maximum length; a sliding-window layer's cache is a ring buffer of `window` slots (token i lives
 in slot i % window), so its memory is O(window) however long the generation runs.
@@ -61,6 +65,10 @@ def validate_arguments(q, k, v, scale, causal, window, segment_ids, sinks, block
   if k.shape != v.shape:
     raise ValueError(f"{FAMILY}: k shape {tuple(k.shape)} and v shape {tuple(v.shape)} differ")
   b, t, h, d = q.shape
+  if t == 0:
+    # The flash paths cut time into blocks; an empty sequence is a caller's mistake anyway.
+    raise ValueError(f"{FAMILY}: q, k, v must hold at least one token, got time=0 (q shape "
+                     f"{tuple(q.shape)})")
   if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
     raise ValueError(f"{FAMILY}: q shape {tuple(q.shape)} and k shape {tuple(k.shape)} must "
                      "agree in batch, time and head_dim (self-attention)")
@@ -88,7 +96,8 @@ def validate_arguments(q, k, v, scale, causal, window, segment_ids, sinks, block
 
 def softmax_attention(q, k, v, *, scale: float | None = None, causal: bool = True,
                       window: int | None = None, segment_ids=None, sinks=None,
-                      impl: str = "auto", block_size=None, interpret=None):
+                      impl: str = "auto", block_size=None, interpret=None,
+                      return_lse: bool = False):
   """Masked (GQA) softmax self-attention.
 
   Args:
@@ -104,8 +113,10 @@ def softmax_attention(q, k, v, *, scale: float | None = None, causal: bool = Tru
       default. Sequences not divisible by it are padded internally. Ignored by "reference".
     interpret: Pallas only: None (interpret where Pallas cannot compile, i.e. CPU), a bool, or
       `jax.experimental.pallas.tpu.InterpretParams()`.
+    return_lse: also return the logsumexp over each row's visible scaled logits (and its sink
+      logit when `sinks` is given), differentiably.
   Returns:
-    [b, t, h, d] in q's dtype.
+    [b, t, h, d] in q's dtype; with return_lse the pair (that, lse [b, t, h] float32).
   """
   validate_arguments(q, k, v, scale, causal, window, segment_ids, sinks, block_size)
   chosen = dispatch.resolve_impl(FAMILY, impl)
@@ -115,7 +126,8 @@ def softmax_attention(q, k, v, *, scale: float | None = None, causal: bool = Tru
     block_size = tuple(int(s) for s in block_size)
   elif block_size is not None:
     block_size = int(block_size)
-  kwargs = dict(scale=scale, causal=causal, window=window, segment_ids=segment_ids, sinks=sinks)
+  kwargs = dict(scale=scale, causal=causal, window=window, segment_ids=segment_ids, sinks=sinks,
+                return_lse=bool(return_lse))
   if chosen == "reference":
     return softmax_attention_reference(q, k, v, **kwargs)
   if chosen == "xla":
@@ -159,7 +171,7 @@ def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, *,
 
 
 def cached_attention(cache: KVCache, q, k, v, *, window: int | None = None,
-                     scale: float | None = None, sinks=None):
+                     scale: float | None = None, sinks=None, return_lse: bool = False):
   """Causal attention of new tokens over the cache and themselves; returns (out, new cache).
 
   The new tokens have indices cache.index, cache.index + 1, ... Any number of new tokens works
@@ -170,9 +182,10 @@ def cached_attention(cache: KVCache, q, k, v, *, window: int | None = None,
   Args:
     cache: from `init_kv_cache` (a ring buffer iff `window` is set; use the same window).
     q: [b, t, h, d] new queries; k, v: [b, t, hk, d] their keys and values.
-    window, scale, sinks: as in `softmax_attention`.
+    window, scale, sinks, return_lse: as in `softmax_attention`.
   Returns:
-    ([b, t, h, d] in q's dtype, the updated cache).
+    ([b, t, h, d] in q's dtype, the updated cache); with return_lse the first element is the
+    pair (out, lse [b, t, h] float32).
   """
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2]:
     raise ValueError(f"{FAMILY}: cached_attention needs q [b, t, h, d] and k, v [b, t, hk, d], "
@@ -183,12 +196,13 @@ def cached_attention(cache: KVCache, q, k, v, *, window: int | None = None,
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"{FAMILY}: q heads={q.shape[2]} must be a multiple of k/v heads="
                      f"{k.shape[2]} (GQA)")
+  return_lse = bool(return_lse)
   if window is None:
-    return _full_step(cache, q, k, v, scale, sinks)
-  return _ring_step(cache, q, k, v, window, scale, sinks)
+    return _full_step(cache, q, k, v, scale, sinks, return_lse)
+  return _ring_step(cache, q, k, v, window, scale, sinks, return_lse)
 
 
-def _full_step(cache, q, k, v, scale, sinks):
+def _full_step(cache, q, k, v, scale, sinks, return_lse):
   """Writes the new tokens at their indices, then attends over the whole cache."""
   b, t = k.shape[:2]
   start = cache.index
@@ -198,7 +212,7 @@ def _full_step(cache, q, k, v, scale, sinks):
   q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
   k_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   mask = attention_mask(q_index, k_index, k_valid_bs=k_index < start + t)
-  out = dot_product_attention(q, key, value, mask, scale, sinks)
+  out = dot_product_attention(q, key, value, mask, scale, sinks, return_lse)
   return out, KVCache(key, value, start + t)
 
 
@@ -206,7 +220,7 @@ def _write_at(buf, x, start):
   return lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, start, 0, 0))
 
 
-def _ring_step(cache, q, k, v, window, scale, sinks):
+def _ring_step(cache, q, k, v, window, scale, sinks, return_lse):
   """Attends over [ring slots, new tokens] by their token indices, then updates the ring.
 
   Reading before writing keeps the oldest slots available to the first new tokens even when
@@ -224,7 +238,7 @@ def _ring_step(cache, q, k, v, window, scale, sinks):
   mask = attention_mask(q_index, k_index, window=window, k_valid_bs=k_index >= 0)
   keys = jnp.concatenate([cache.key, k.astype(cache.key.dtype)], axis=1)
   values = jnp.concatenate([cache.value, v.astype(cache.value.dtype)], axis=1)
-  out = dot_product_attention(q, keys, values, mask, scale, sinks)
+  out = dot_product_attention(q, keys, values, mask, scale, sinks, return_lse)
   # Only the last `slots` new tokens survive in the ring; their slots are distinct.
   n = min(t, slots)
   dest = jnp.mod(start + t - n + jnp.arange(n, dtype=jnp.int32), slots)

@@ -9,11 +9,14 @@ import dataclasses
 
 import gin
 
+from layers.moe import MoEConfig
 from layers.registry import available_mixers, get_mixer
+from layers.spiking import SpikeConfig
 from lctx.config import ModelConfig
 from lctx.data import DataConfig
 from lctx.generate import GenerateConfig
 from lctx.optim import OptimizerConfig
+from lctx.patterns import LayerPattern
 from lctx.trainer import TrainConfig
 from sharding.mesh import MeshConfig
 from sharding.sequence import SequenceParallelConfig
@@ -40,22 +43,25 @@ def configured(cls: type):
 def with_bound_subconfigs(model: ModelConfig) -> ModelConfig:
   """Fills in, through gin, the nested configs the model did not set explicitly.
 
-  These are the Config of every mixer the model uses and the SequenceParallelConfig, so
-  `AttentionConfig.window = 128` or `SequenceParallelConfig.method = 'ring'` in a gin file applies
-  without also writing `ModelConfig.mixer_options = {"attention": @AttentionConfig()}` or
-  `ModelConfig.sequence_parallel = @SequenceParallelConfig()`.
+  These are the Config of every mixer the model uses, the SequenceParallelConfig, SpikeConfig and
+  MoEConfig, so `AttentionConfig.window = 128` or `SpikeConfig.enabled = True` in a gin file
+  applies without also writing `ModelConfig.mixer_options = {"attention": @AttentionConfig()}` or
+  `ModelConfig.spiking = @SpikeConfig()`.
   """
   options = dict(model.mixer_options)
-  for name in sorted(set(model.layer_mixers()) - set(options)):
+  for name in sorted(set(model.mixer_names()) - set(options)):
     options[name] = configured(get_mixer(name).Config)
-  sp = model.sequence_parallel
-  if sp == SequenceParallelConfig():
-    sp = configured(SequenceParallelConfig)
-  return dataclasses.replace(model, mixer_options=options, sequence_parallel=sp)
+  nested = {}
+  for field, cls in (("sequence_parallel", SequenceParallelConfig), ("spiking", SpikeConfig),
+                     ("moe", MoEConfig)):
+    if getattr(model, field) == cls():
+      nested[field] = configured(cls)
+  return dataclasses.replace(model, mixer_options=options, **nested)
 
 
 for _cls in SECTIONS.values():
   register(_cls)
-register(SequenceParallelConfig)
+for _cls in (SequenceParallelConfig, SpikeConfig, MoEConfig, LayerPattern):
+  register(_cls)
 for _name in available_mixers():
   register(get_mixer(_name).Config)

@@ -1,13 +1,20 @@
-"""The decoder-only language model: embedding, pre-norm blocks (mixer + SwiGLU), RMSNorm, head.
+"""The decoder-only language model: embedding, pre-norm blocks (mixer + FFN), RMSNorm, head.
 
 Used functionally: `DecoderLM(cfg).init(rng, tokens)` / `.apply({"params": p}, tokens, ...)`.
+A block's mixer is one registered mixer, or several in parallel ("gla+swa", layers/hybrid.py);
+its FFN is a SwiGLU or, with MoEConfig.enabled outside `dense_layers`, a mixture of experts
+that sows its load-balancing loss into the "losses" collection. With SpikeConfig.enabled the
+projection inputs spike and sow their statistics into "intermediates" (when that collection is
+mutable); the embedding and the output head stay dense.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from layers import params as P
+from layers.hybrid import ParallelMixers
 from layers.mlp import SwiGLU
+from layers.moe import MoEFFN
 from layers.norms import RMSNorm
 from layers.registry import get_mixer
 from lctx.config import ModelConfig
@@ -15,25 +22,37 @@ from sharding.sequence import active_layout
 
 
 class Block(nn.Module):
-  """x + mixer(norm(x)), then x + mlp(norm(x))."""
+  """x + mixer(norm(x)), then x + ffn(norm(x))."""
 
   config: ModelConfig
   layer_index: int
 
   @nn.compact
   def __call__(self, x_bte, positions_bt, segment_ids_bt, decode: bool = False):
-    cfg = self.config
+    cfg, i = self.config, self.layer_index
     dt, pdt = cfg.compute_dtype, cfg.storage_dtype
-    name = cfg.layer_mixers()[self.layer_index]
-    mixer = get_mixer(name)(config=cfg.mixer_config(name), d_model=cfg.d_model,
-                            layer_index=self.layer_index, num_layers=cfg.num_layers, dtype=dt,
-                            param_dtype=pdt, sequence_parallel=cfg.sequence_parallel,
-                            name="mixer")
+    common = dict(d_model=cfg.d_model, layer_index=i, num_layers=cfg.num_layers, dtype=dt,
+                  param_dtype=pdt, sequence_parallel=cfg.sequence_parallel, spiking=cfg.spiking,
+                  name="mixer")
+    parts = cfg.layer_mixers()[i].split("+")
+    if len(parts) == 1:
+      mixer = get_mixer(parts[0])(config=cfg.mixer_config(parts[0]), **common)
+    else:
+      mixer = ParallelMixers(branches=tuple((p, cfg.mixer_config(p)) for p in parts),
+                             norm_eps=cfg.norm_eps, **common)
     h = RMSNorm(cfg.norm_eps, dt, pdt, name="mixer_norm")(x_bte)
     x_bte = x_bte + mixer(h, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt,
                           decode=decode)
     h = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x_bte)
-    x_bte = x_bte + SwiGLU(cfg.d_model, cfg.d_ff, dt, pdt, name="mlp")(h)
+    if cfg.uses_moe(i):
+      ffn = MoEFFN(cfg.d_model, cfg.d_ff, cfg.moe, dt, pdt, spiking=cfg.spiking, name="moe")
+    else:
+      ffn = SwiGLU(cfg.d_model, cfg.d_ff, dt, pdt, spiking=cfg.spiking, name="mlp")
+    if cfg.uses_moe(i):  # padding (segment 0) takes no part in the load-balancing loss
+      mask = None if segment_ids_bt is None else segment_ids_bt > 0
+      x_bte = x_bte + ffn(h, mask)
+    else:
+      x_bte = x_bte + ffn(h)
     return nn.with_logical_constraint(x_bte, ("batch", "length", "embed"))
 
 

@@ -16,13 +16,23 @@ Batch = dict[str, jax.Array]
 State = dict[str, Any]
 
 
-def _loss_sums(model, params, batch: Batch):
-  """(sum of token cross-entropies, number of weighted tokens) of one batch."""
+def loss_sums(model, params, batch: Batch):
+  """(objective sum, sums) of one batch; the objective is what the train step differentiates.
+
+  sums = {"ce": sum of token cross-entropies, "tokens": number of weighted tokens,
+          "aux": sum over the batch's tokens of the auxiliary losses the model sowed into its
+          "losses" collection (MoE load balancing, already weighted)}.
+  objective = ce + aux, so dividing by the global token count gives mean cross-entropy plus the
+  token-weighted mean auxiliary loss, however the batch is split into micro-batches.
+  """
   targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
-  logits = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                       batch["segment_ids"])
-  ce = token_cross_entropy(logits, targets)
-  return jnp.sum(ce * weights), jnp.sum(weights)
+  logits, collections = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                                    batch["segment_ids"], mutable=["losses"])
+  ce = jnp.sum(token_cross_entropy(logits, targets) * weights)
+  tokens = jnp.sum(weights)
+  aux_terms = jax.tree.leaves(collections.get("losses", {}))
+  aux = sum(aux_terms, jnp.zeros((), jnp.float32)) * tokens
+  return ce + aux, {"ce": ce, "tokens": tokens, "aux": aux}
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -32,32 +42,36 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
   The loss is the mean over all weighted tokens of the global batch, whatever the number of
   accumulation micro-batches: summed losses and summed gradients are divided by the token count
   once, so accumulation changes memory, not the result (up to float summation order).
+  Metrics: "loss" is the mean cross-entropy; models with auxiliary losses also report "aux_loss".
   """
-  grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, p, b), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
 
   def train_step(state: State, batch: Batch):
     params = state["params"]
     if grad_accum_steps == 1:
-      (loss_sum, count), grads = grad_fn(params, batch)
+      (_, sums), grads = grad_fn(params, batch)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
           batch)
 
       def body(carry, mb):
-        (l, c), g = grad_fn(params, mb)
-        acc_l, acc_c, acc_g = carry
-        return (acc_l + l, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+        (_, s), g = grad_fn(params, mb)
+        acc_s, acc_g = carry
+        return (jax.tree.map(jnp.add, acc_s, s), jax.tree.map(jnp.add, acc_g, g)), None
 
+      zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("ce", "tokens", "aux")}
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (loss_sum, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
-    denom = jnp.maximum(count, 1.0)
+      (sums, grads), _ = jax.lax.scan(body, (zero_sums, zeros), micro)
+    denom = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state["step"]), "tokens": count}
+    metrics = {"loss": sums["ce"] / denom, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state["step"]), "tokens": sums["tokens"]}
+    if model.config.moe.enabled:
+      metrics["aux_loss"] = sums["aux"] / denom
     return new_state, metrics
 
   return train_step

@@ -134,7 +134,9 @@ def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
     print(f"Resuming from the checkpoint at step {start} in {ckpt.directory}")
 
   buckets = evaluate.bucket_edges(data_cfg.seq_len, train_cfg.position_buckets)
-  metrics = MetricsWriter(workdir, tuple(evaluate.bucket_column(lo, hi) for lo, hi in buckets),
+  aux_columns = ("aux_loss",) if model_cfg.moe.enabled else ()
+  metrics = MetricsWriter(workdir, aux_columns + tuple(evaluate.bucket_column(lo, hi)
+                                                       for lo, hi in buckets),
                           resume_step=start)
   sample_iter = data_lib.train_iterator(data_cfg, tokenizer, **shard)
   counts = evaluate.unigram_counts((next(sample_iter) for _ in range(train_cfg.unigram_batches)),
@@ -183,6 +185,8 @@ def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
         row = {"loss": float(mm["loss"]), "learning_rate": float(mm["learning_rate"]),
                "grad_norm": float(mm["grad_norm"]),
                "tokens_per_s": tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)}
+        if "aux_loss" in mm:
+          row["aux_loss"] = float(mm["aux_loss"])
         metrics.write("train", step, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         last_time, last_step = now, step

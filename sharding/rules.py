@@ -23,6 +23,7 @@ LOGICAL_AXIS_RULES = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("experts", None),  # no expert-parallel mesh axis: each expert shards like a dense FFN
 )
 
 

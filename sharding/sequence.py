@@ -23,6 +23,7 @@ import logging
 import jax
 
 from layers.linear_attention import linear_attention
+from layers.sink_tokens import sink_token_attention
 from layers.softmax_attention import softmax_attention
 from layers.validation import check_fields
 from sharding import specs
@@ -111,16 +112,25 @@ def active_layout(sp: SequenceParallelConfig) -> SeqLayout | None:
 
 
 def parallel_softmax_attention(sp: SequenceParallelConfig, q, k, v, *, window=None,
-                               segment_ids=None, sinks=None, impl="auto", block_size=None):
+                               segment_ids=None, sinks=None, sink_tokens=None, impl="auto",
+                               block_size=None):
   """Causal softmax attention of a layer, sequence-parallel when `sp` and the mesh say so.
 
-  Arrays are in the active layout's order (the model permutes its inputs once).
+  Arrays are in the active layout's order (the model permutes its inputs once). `sink_tokens` is
+  None or a pair (sink keys, sink values) [n, kv_heads, d] of learnable tokens every query sees.
   """
   layout = active_layout(sp)
   method = sp.softmax_method
   if layout is None or method is None:
+    if sink_tokens is not None:
+      return sink_token_attention(q, k, v, *sink_tokens, window=window, segment_ids=segment_ids,
+                                  sinks=sinks, impl=impl, block_size=block_size)
     return softmax_attention(q, k, v, window=window, segment_ids=segment_ids, sinks=sinks,
                              impl=impl, block_size=block_size)
+  if sink_tokens is not None:
+    raise ValueError(f"AttentionConfig.sink_tokens={sink_tokens[0].shape[0]} is not supported "
+                     f"with sequence-parallel softmax attention ("
+                     f"{method!r}); set sink_tokens=0 or SequenceParallelConfig.method='none'")
   log.info("softmax attention: sequence-parallel %s over %d ranks, %s layout", method,
            layout.shards, layout.kind)
   fn = ring_attention if method == "ring" else allgather_attention

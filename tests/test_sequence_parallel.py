@@ -40,7 +40,7 @@ _HYBRID = """
   from layers.linear_mixers import GLAConfig, LightningConfig
   from lctx.config import ModelConfig
   from lctx.state import build
-  from lctx.steps import _loss_sums
+  from lctx.steps import loss_sums
   from sharding.mesh import MeshConfig, make_mesh
   from sharding.sequence import SequenceParallelConfig
   import optax
@@ -70,12 +70,12 @@ _HYBRID = """
   def loss_and_grads(cfg, mesh_cfg, devices):
     m = build(cfg, make_mesh(mesh_cfg, devices), optax.sgd(0.1))
     params = m.init_state(0)["params"]
-    fn = jax.value_and_grad(lambda p, b: _loss_sums(m.model, p, b), has_aux=True)
+    fn = jax.value_and_grad(lambda p, b: loss_sums(m.model, p, b), has_aux=True)
     step = m.jit(fn, in_shardings=(m.state_shardings["params"], m.batch_sharding),
                  out_shardings=None)
     gb = {k: jax.device_put(v, m.batch_sharding) for k, v in batch.items()}
-    (loss, count), grads = step(params, gb)
-    return float(loss / count), jax.device_get(grads)
+    (_, sums), grads = step(params, gb)
+    return float(sums["ce"] / sums["tokens"]), jax.device_get(grads)
 
   references = {}
   for method, layout, mesh_cfg, window in CASES:

@@ -11,7 +11,7 @@ from layers.masks import attention_mask
 
 
 def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float | None = None,
-                          sinks_h=None):
+                          sinks_h=None, return_lse: bool = False):
   """Dense masked softmax attention with GQA and optional sinks; logits in float32.
 
   Args:
@@ -20,8 +20,11 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float | None
     mask_b1ts: boolean mask broadcastable to [b, 1, t, s], True where a query may attend.
     scale: logit scale, default d**-0.5.
     sinks_h: optional float [h] sink logits: an extra softmax entry per row with no value.
+    return_lse: also return the logsumexp of each row's visible scaled logits and its sink.
   Returns:
-    [b, t, h, d] in q's dtype. Rows with no visible key return zeros.
+    [b, t, h, d] in q's dtype. Rows with no visible key return zeros. With return_lse a pair
+    (that, lse [b, t, h] float32); a row with no visible key and no sink has an lse near the
+    float32 minimum, so it carries no weight when merged with other logsumexp-weighted parts.
   """
   b, t, h, d = q_bthd.shape
   kh = k_bskd.shape[2]
@@ -31,17 +34,19 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float | None
   mask = mask_b1ts[:, :, None]  # [b, 1, 1, t, s]
   neg = jnp.finfo(jnp.float32).min
   logits = jnp.where(mask, logits, neg)
-  if sinks_h is None:
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(mask, probs, 0.0)
-  else:
+  if sinks_h is not None:
     sink = jnp.broadcast_to(sinks_h.astype(jnp.float32).reshape(1, kh, h // kh, 1, 1),
                             logits.shape[:-1] + (1,))
     # The sink column takes part in the normalization and is then dropped: it has no value.
-    probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
-    probs = jnp.where(mask, probs, 0.0)
+    logits = jnp.concatenate([logits, sink], axis=-1)
+  probs = jax.nn.softmax(logits, axis=-1)[..., :k_bskd.shape[1]]
+  probs = jnp.where(mask, probs, 0.0)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd.astype(jnp.float32))
-  return out.reshape(b, t, h, d).astype(q_bthd.dtype)
+  out = out.reshape(b, t, h, d).astype(q_bthd.dtype)
+  if not return_lse:
+    return out
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [b, k, g, t]
+  return out, lse.transpose(0, 3, 1, 2).reshape(b, t, h)
 
 
 def self_attention_mask(b: int, t: int, *, causal: bool = True, window: int | None = None,
@@ -57,8 +62,9 @@ def self_attention_mask(b: int, t: int, *, causal: bool = True, window: int | No
 
 
 def softmax_attention_reference(q, k, v, *, scale: float | None = None, causal: bool = True,
-                                window: int | None = None, segment_ids=None, sinks=None):
+                                window: int | None = None, segment_ids=None, sinks=None,
+                                return_lse: bool = False):
   """The dense oracle with the signature of the flash implementations ([b, t, h, d] layout)."""
   b, t = q.shape[:2]
   mask = self_attention_mask(b, t, causal=causal, window=window, segment_ids=segment_ids)
-  return dot_product_attention(q, k, v, mask, scale, sinks)
+  return dot_product_attention(q, k, v, mask, scale, sinks, return_lse)

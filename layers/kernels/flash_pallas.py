@@ -15,6 +15,10 @@ lowerings are checked on CPU by tests/test_softmax_attention.py, though never ru
 here); on CPU they run in interpret mode. On TPU the resident K / V (and Q / dO in the dk/dv
 kernel) live in VMEM, which bounds the sequence length (roughly 2 * t * d * bytes * 2 buffers per
 array); that is the price of skipping masked blocks with plain loops.
+
+With `return_lse=True` the forward kernel's logsumexp rows become a second, differentiable
+output; their cotangent is subtracted from delta = rowsum(dout * out) before the dq and dk/dv
+kernels run (d lse_i / d s_ij = p_ij), so the kernels themselves are the same.
 """
 
 import dataclasses
@@ -50,6 +54,7 @@ class _Static:
   has_sinks: bool
   interpret: Any
   target: str | None  # "gpu" or "tpu" when compiled, None when interpreted
+  with_lse: bool = False  # the custom_vjp also outputs (and takes the cotangent of) lse
 
 
 def _target(interpret) -> str | None:
@@ -87,7 +92,7 @@ def _compiler_params(target: str | None):
 
 def flash_attention_pallas(q, k, v, *, scale: float, causal: bool = True,
                            window: int | None = None, segment_ids=None, sinks=None,
-                           block_size=None, interpret=None):
+                           block_size=None, interpret=None, return_lse: bool = False):
   """Pallas flash attention on [b, t, h, d] queries and [b, t, kv_heads, d] keys/values.
 
   Arguments are assumed validated by `layers.softmax_attention.softmax_attention`.
@@ -97,8 +102,9 @@ def flash_attention_pallas(q, k, v, *, scale: float, causal: bool = True,
     block_size: int or (block_q, block_k); None means DEFAULT_BLOCK. Shrunk for short inputs.
     interpret: None (interpret exactly where Pallas cannot compile: CPU), a bool, or
       `jax.experimental.pallas.tpu.InterpretParams()` for the TPU-semantics interpreter.
+    return_lse: also return the per-row logsumexp of the scaled logits (sinks included).
   Returns:
-    [b, t, h, d] in q's dtype.
+    [b, t, h, d] in q's dtype; with return_lse a pair (that, lse [b, t, h] float32).
   """
   b, t, h, d = q.shape
   hk = k.shape[2]
@@ -109,7 +115,7 @@ def flash_attention_pallas(q, k, v, *, scale: float, causal: bool = True,
   tq, tk = fc.round_up(t, bq), fc.round_up(t, bk)
   kv_len = t if (tk != t and not causal) else None
   st = _Static(float(scale), causal, window, bq, bk, kv_len, h // hk, segment_ids is not None,
-               sinks is not None, interpret, target)
+               sinks is not None, interpret, target, bool(return_lse))
   pad = lambda x, length: fc.pad_axis(fc.pad_axis(x, 1, length), 3, dp).transpose(0, 2, 1, 3)
   qh, kh, vh = pad(q, tq), pad(k, tk), pad(v, tk)
   q_seg = k_seg = None
@@ -119,8 +125,11 @@ def flash_attention_pallas(q, k, v, *, scale: float, causal: bool = True,
     q_seg = fc.pad_axis(seg, 1, tq, -1)[:, :, None]
     k_seg = fc.pad_axis(seg, 1, tk, -1)[:, None, :]
   sinks3 = None if sinks is None else sinks.reshape(h, 1, 1)
-  out = _flash(st, qh, kh, vh, q_seg, k_seg, sinks3)
-  return out.transpose(0, 2, 1, 3)[:, :t, :, :d]
+  res = _flash(st, qh, kh, vh, q_seg, k_seg, sinks3)
+  out = (res[0] if return_lse else res).transpose(0, 2, 1, 3)[:, :t, :, :d]
+  if not return_lse:
+    return out
+  return out, res[1][:, :, :t, 0].transpose(0, 2, 1)
 
 
 def _seg_specs(st: _Static, q_full: bool, k_full: bool, tq: int, tk: int):
@@ -259,11 +268,14 @@ def _dkv_kernel(*refs, st: _Static, num_q_blocks: int):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward(st: _Static, q, k, v, q_seg, k_seg, out, lse, dout):
+def _backward(st: _Static, q, k, v, q_seg, k_seg, out, lse, dout, dlse=None):
   b, h, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
   g, bq, bk = st.group, st.block_q, st.block_k
   delta = fc.out_delta(out, dout)
+  if dlse is not None:
+    # d lse_i / d s_ij = p_ij: lse's cotangent folds into the correction term.
+    delta = delta - dlse
   seg_args = [q_seg, k_seg] if st.has_seg else []
 
   q_blk = pl.BlockSpec((_SQ, _SQ, bq, d), lambda b, h, i: (b, h, i, 0))
@@ -301,17 +313,20 @@ def _backward(st: _Static, q, k, v, q_seg, k_seg, out, lse, dout):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st, q, k, v, q_seg, k_seg, sinks3):
-  return _forward(st, q, k, v, q_seg, k_seg, sinks3)[0]
+  out, lse = _forward(st, q, k, v, q_seg, k_seg, sinks3)
+  return (out, lse) if st.with_lse else out
 
 
 def _flash_fwd(st, q, k, v, q_seg, k_seg, sinks3):
   out, lse = _forward(st, q, k, v, q_seg, k_seg, sinks3)
-  return out, (q, k, v, q_seg, k_seg, sinks3, out, lse)
+  primal = (out, lse) if st.with_lse else out
+  return primal, (q, k, v, q_seg, k_seg, sinks3, out, lse)
 
 
-def _flash_bwd(st, res, dout):
+def _flash_bwd(st, res, cotangent):
   q, k, v, q_seg, k_seg, sinks3, out, lse = res
-  dq, dk, dv, delta = _backward(st, q, k, v, q_seg, k_seg, out, lse, dout)
+  dout, dlse = cotangent if st.with_lse else (cotangent, None)
+  dq, dk, dv, delta = _backward(st, q, k, v, q_seg, k_seg, out, lse, dout, dlse)
   dsinks = None
   if sinks3 is not None:
     # [h, 1, 1] broadcasts against the [b, h, t, 1] rows; padded rows have delta 0.

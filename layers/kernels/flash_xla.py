@@ -14,6 +14,11 @@ never repeated per query head.
 The backward pass (jax.custom_vjp) recomputes the probabilities tile by tile from the saved
 logsumexp. It runs once over the query blocks, accumulating dq per block and scattering dk / dv
 into full-length float32 accumulators, so each tile costs four matmuls.
+
+With `return_lse=True` the per-row logsumexp is a second, differentiable output. Its cotangent
+enters the backward pass only through the softmax correction term: d lse_i / d s_ij = p_ij, so
+ds_ij = p_ij * (dp_ij - delta_i) with delta_i = rowsum(dout * out)_i - dlse_i (the sink logit's
+gradient uses the same delta).
 """
 
 import dataclasses
@@ -39,10 +44,11 @@ class _Static:
   block_k: int
   kv_len: int | None  # set when padded keys must be masked explicitly
   group: int
+  with_lse: bool = False  # the custom_vjp also outputs (and takes the cotangent of) lse
 
 
 def flash_attention_xla(q, k, v, *, scale: float, causal: bool = True, window: int | None = None,
-                        segment_ids=None, sinks=None, block_size=None):
+                        segment_ids=None, sinks=None, block_size=None, return_lse: bool = False):
   """Flash attention on [b, t, h, d] queries and [b, t, kv_heads, d] keys/values.
 
   Arguments are assumed validated by `layers.softmax_attention.softmax_attention`.
@@ -54,8 +60,9 @@ def flash_attention_xla(q, k, v, *, scale: float, causal: bool = True, window: i
     segment_ids: optional int [b, t]; attention stays within a segment.
     sinks: optional float [h] sink logits.
     block_size: int or (block_q, block_k); None means DEFAULT_BLOCK. Shrunk for short inputs.
+    return_lse: also return the per-row logsumexp of the scaled logits (sinks included).
   Returns:
-    [b, t, h, d] in q's dtype.
+    [b, t, h, d] in q's dtype; with return_lse a pair (that, lse [b, t, h] float32).
   """
   b, t, h, d = q.shape
   hk = k.shape[2]
@@ -66,7 +73,7 @@ def flash_attention_xla(q, k, v, *, scale: float, causal: bool = True, window: i
   # Under a causal mask padded keys (positions >= t) are invisible to every real query already.
   kv_len = t if (tk != t and not causal) else None
   # The scale is folded into q once (autodiff carries it into dq), not into every logits tile.
-  st = _Static(1.0, causal, window, bq, bk, kv_len, g)
+  st = _Static(1.0, causal, window, bq, bk, kv_len, g, bool(return_lse))
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)
 
   qb = fc.pad_axis(q, 1, tq).reshape(b, nq, bq, hk, g, d)
@@ -80,9 +87,13 @@ def flash_attention_xla(q, k, v, *, scale: float, causal: bool = True, window: i
     k_seg = fc.pad_axis(seg, 1, tk, -1)
   sinks_hg = None if sinks is None else sinks.reshape(hk, g)
 
-  ob = _flash(st, qb, kb, vb, q_seg, k_seg, sinks_hg)
-  out = ob.reshape(nq, b, hk, g, bq, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, tq, h, d)
-  return out[:, :t]
+  res = _flash(st, qb, kb, vb, q_seg, k_seg, sinks_hg)
+  ob = res[0] if return_lse else res
+  out = ob.reshape(nq, b, hk, g, bq, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, tq, h, d)[:, :t]
+  if not return_lse:
+    return out
+  lse = res[1].reshape(nq, b, hk, g, bq).transpose(1, 0, 4, 2, 3).reshape(b, tq, h)
+  return out, lse[:, :t]
 
 
 def _tile_masks(st: _Static, qb_shape, q_seg_i, k_seg):
@@ -139,19 +150,26 @@ def _forward(st: _Static, qb, kb, vb, q_seg, k_seg, sinks_hg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st, qb, kb, vb, q_seg, k_seg, sinks_hg):
-  return _forward(st, qb, kb, vb, q_seg, k_seg, sinks_hg)[0]
+  out, lse = _forward(st, qb, kb, vb, q_seg, k_seg, sinks_hg)
+  return (out, lse) if st.with_lse else out
 
 
 def _flash_fwd(st, qb, kb, vb, q_seg, k_seg, sinks_hg):
   out, lse = _forward(st, qb, kb, vb, q_seg, k_seg, sinks_hg)
-  return out, (qb, kb, vb, q_seg, k_seg, sinks_hg, out, lse)
+  primal = (out, lse) if st.with_lse else out
+  return primal, (qb, kb, vb, q_seg, k_seg, sinks_hg, out, lse)
 
 
-def _flash_bwd(st, res, dout):
+def _flash_bwd(st, res, cotangent):
   qb, kb, vb, q_seg, k_seg, sinks_hg, out, lse = res
   nq, b, hk, rows, d = qb.shape
   nk = kb.shape[2] // st.block_k
+  dout, dlse = cotangent if st.with_lse else (cotangent, None)
   delta = fc.out_delta(out, dout)
+  if dlse is not None:
+    # d lse_i / d s_ij = p_ij: lse's cotangent folds into the correction term, so the tile
+    # math below is unchanged.
+    delta = delta - dlse
 
   def one_block(carry, args):
     i, q_i, do_i, lse_i, delta_i, q_seg_i = args

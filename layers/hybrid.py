@@ -1,0 +1,50 @@
+"""Intra-layer parallel hybrid: several mixers on the same input, each normalized, then summed.
+
+SpikingBrain-76B runs linear attention and sliding-window (or, at a few layers, full) attention
+side by side in every layer: y = sum_i RMSNorm_i(mixer_i(x)). Each branch is a registered mixer
+with its own config and parameters (under the branch's mixer name), and its own output RMSNorm
+("<name>_norm") so that neither branch's scale dominates the sum.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from layers.norms import RMSNorm
+from layers.registry import get_mixer
+
+
+class ParallelMixers(nn.Module):
+  """Runs `branches` (pairs of registered mixer name and its Config) in parallel.
+
+  The remaining fields are passed to every branch mixer (see layers/registry.py).
+  """
+
+  branches: tuple[tuple[str, Any], ...]
+  d_model: int
+  layer_index: int = 0
+  num_layers: int = 1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  sequence_parallel: Any = None
+  spiking: Any = None
+  norm_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x_bte, *, positions_bt, segment_ids_bt=None, decode: bool = False):
+    names = [name for name, _ in self.branches]
+    if len(set(names)) != len(names):
+      raise ValueError(f"parallel hybrid layer {self.layer_index}: branch mixers {names} must be "
+                       "distinct")
+    total = None
+    for name, config in self.branches:
+      mixer = get_mixer(name)(config=config, d_model=self.d_model, layer_index=self.layer_index,
+                              num_layers=self.num_layers, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              sequence_parallel=self.sequence_parallel, spiking=self.spiking,
+                              name=name)
+      y = mixer(x_bte, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, decode=decode)
+      y = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name=f"{name}_norm")(y)
+      total = y if total is None else total + y
+    return total
