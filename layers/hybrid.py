@@ -9,36 +9,29 @@ with its own config and parameters (under the branch's mixer name), and its own 
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from layers.norms import RMSNorm
-from layers.registry import get_mixer
+from layers.registry import Mixer, get_mixer
 
 
-class ParallelMixers(nn.Module):
-  """Runs `branches` (pairs of registered mixer name and its Config) in parallel.
+class ParallelMixers(Mixer):
+  """Runs the branch mixers of `config`, pairs (registered mixer name, its Config), in parallel.
 
-  The remaining fields are passed to every branch mixer (see layers/registry.py).
+  The other fields are the Mixer ones (layers/registry.py), passed on to every branch, and the
+  epsilon of the branch output norms.
   """
 
-  branches: tuple[tuple[str, Any], ...]
-  d_model: int
-  layer_index: int = 0
-  num_layers: int = 1
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  sequence_parallel: Any = None
-  spiking: Any = None
+  config: tuple[tuple[str, Any], ...]
   norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x_bte, *, positions_bt, segment_ids_bt=None, decode: bool = False):
-    names = [name for name, _ in self.branches]
+    names = [name for name, _ in self.config]
     if len(set(names)) != len(names):
       raise ValueError(f"parallel hybrid layer {self.layer_index}: branch mixers {names} must be "
                        "distinct")
     total = None
-    for name, config in self.branches:
+    for name, config in self.config:
       mixer = get_mixer(name)(config=config, d_model=self.d_model, layer_index=self.layer_index,
                               num_layers=self.num_layers, dtype=self.dtype,
                               param_dtype=self.param_dtype,

@@ -12,7 +12,7 @@ in exactly by logsumexp weights:
   lse = logaddexp(lse_seq, lse_s),  o = exp(lse_seq - lse) * o_seq + exp(lse_s - lse) * o_s.
 
 Gradients come from autodiff through o_seq and lse_seq (the flash kernels accept lse's
-cotangent). GQA follows the repo's convention (`jnp.repeat` over kv heads): query head i uses kv
+cotangent). GQA follows lctx's convention (`jnp.repeat` over kv heads): query head i uses kv
 head i // (heads // kv_heads).
 """
 

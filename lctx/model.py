@@ -38,7 +38,7 @@ class Block(nn.Module):
     if len(parts) == 1:
       mixer = get_mixer(parts[0])(config=cfg.mixer_config(parts[0]), **common)
     else:
-      mixer = ParallelMixers(branches=tuple((p, cfg.mixer_config(p)) for p in parts),
+      mixer = ParallelMixers(config=tuple((p, cfg.mixer_config(p)) for p in parts),
                              norm_eps=cfg.norm_eps, **common)
     h = RMSNorm(cfg.norm_eps, dt, pdt, name="mixer_norm")(x_bte)
     x_bte = x_bte + mixer(h, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt,

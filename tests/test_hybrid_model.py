@@ -59,7 +59,7 @@ def test_swiglu_int8_weights_are_group_quantized_along_the_fan_in():
 def test_parallel_hybrid_sums_the_normalized_branch_outputs():
   x, pos = _x((2, 16, 32)), jnp.broadcast_to(jnp.arange(16), (2, 16))
   gla_cfg, swa_cfg = GLAConfig(num_heads=2, chunk_size=16), SlidingWindowConfig(2, window=4)
-  layer = ParallelMixers(branches=(("gla", gla_cfg), ("swa", swa_cfg)), d_model=32)
+  layer = ParallelMixers(config=(("gla", gla_cfg), ("swa", swa_cfg)), d_model=32)
   params = layer.init(jax.random.key(0), x, positions_bt=pos)["params"]
   from layers.attention import SlidingWindowAttention
   with HIGHEST:
