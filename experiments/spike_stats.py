@@ -9,6 +9,7 @@ of them) with the "intermediates" collection mutable; every spiking input sows t
 spike counts (layers/spike_stats.py), which are added up over the batches and summarized:
 firing rate, sparsity over the time window, spikes per channel (per token), the fraction of
 channels that never fire, the time window and the fraction of counts the window cannot represent.
+`module` tells apart the branches of a parallel hybrid layer (mixer/gla, mixer/swa).
 
 Printed: one overall row per coding (binary, ternary, sign-magnitude and two's-complement bitwise;
 the counts are the same, only their spike trains differ), then one row per layer and input site
@@ -28,7 +29,7 @@ from lctx import data as data_lib
 from lctx.model import DecoderLM
 from lctx.trainer import global_batch
 
-COLUMNS = ["coding", "layer", "site", "firing_rate", "sparsity", "spikes_per_channel",
+COLUMNS = ["coding", "layer", "site", "module", "firing_rate", "sparsity", "spikes_per_channel",
            "never_firing", "time_steps", "unrepresentable", "mean_abs_count", "channels",
            "tokens"]
 
@@ -50,7 +51,11 @@ def checkpoint_statistics(m, params, batches, spiking) -> list[dict]:
     total = tree if total is None else merge_trees(total, tree)
   if not total:
     raise ValueError("no spiking input sowed statistics: SpikeConfig.sites is empty")
-  return summarize(total)
+  rows = summarize(total)
+  for row in rows:  # the module inside the layer, e.g. mixer/gla in a parallel hybrid layer
+    parts = row["path"].split("/")
+    row["module"] = "/".join(parts[1:]) if parts[0] == row["layer"] else row["path"]
+  return rows
 
 
 def run_spike_stats(workdir: str, configs: dict, restore) -> int:

@@ -125,7 +125,8 @@ class SoftmaxAttention(Mixer):
       o = parallel_softmax_attention(self.sequence_parallel or SequenceParallelConfig(), q, k, v,
                                      window=cfg.window, segment_ids=segment_ids_bt, sinks=sinks,
                                      sink_tokens=sink_kv, impl=cfg.impl,
-                                     block_size=cfg.block_size)
+                                     block_size=cfg.block_size,
+                                     sink_tokens_setting=f"{type(cfg).__name__}.sink_tokens")
     # One threshold per token over all heads: the output projection's input is h * d channels.
     o = spike_input(self, o.reshape(*o.shape[:2], -1), "mixer_out", self.spiking).reshape(o.shape)
     w_o = P.param(self, "o", P.dense_init(h * d), (h, d, e), ("heads", "head_dim", "embed"),

@@ -113,11 +113,12 @@ def active_layout(sp: SequenceParallelConfig) -> SeqLayout | None:
 
 def parallel_softmax_attention(sp: SequenceParallelConfig, q, k, v, *, window=None,
                                segment_ids=None, sinks=None, sink_tokens=None, impl="auto",
-                               block_size=None):
+                               block_size=None, sink_tokens_setting="sink_tokens"):
   """Causal softmax attention of a layer, sequence-parallel when `sp` and the mesh say so.
 
   Arrays are in the active layout's order (the model permutes its inputs once). `sink_tokens` is
-  None or a pair (sink keys, sink values) [n, kv_heads, d] of learnable tokens every query sees.
+  None or a pair (sink keys, sink values) [n, kv_heads, d] of learnable tokens every query sees;
+  they are single-device only, and an error names `sink_tokens_setting` otherwise.
   """
   layout = active_layout(sp)
   method = sp.softmax_method
@@ -128,7 +129,7 @@ def parallel_softmax_attention(sp: SequenceParallelConfig, q, k, v, *, window=No
     return softmax_attention(q, k, v, window=window, segment_ids=segment_ids, sinks=sinks,
                              impl=impl, block_size=block_size)
   if sink_tokens is not None:
-    raise ValueError(f"AttentionConfig.sink_tokens={sink_tokens[0].shape[0]} is not supported "
+    raise ValueError(f"{sink_tokens_setting}={sink_tokens[0].shape[0]} is not supported "
                      f"with sequence-parallel softmax attention ("
                      f"{method!r}); set sink_tokens=0 or SequenceParallelConfig.method='none'")
   log.info("softmax attention: sequence-parallel %s over %d ranks, %s layout", method,

@@ -18,7 +18,7 @@ LAYOUTS = {
     "tiny.gin": (A,) * 4,
     "tiny_gla.gin": (G, A, G, A),
     "tiny_spikingbrain_7b.gin": (G, S, G, S),
-    "tiny_spikingbrain_76b.gin": ("gla+swa",) * 3 + ("gla+attention",),
+    "tiny_spikingbrain_76b.gin": ("gla+swa", "gla+attention"),
     "hybrid_jamba.gin": (G,) * 4 + (A,) + (G,) * 3,
     "hybrid_minimax.gin": ("lightning",) * 7 + (A,),
     "hybrid_qwen3_next.gin": (G, G, G, A) * 2,

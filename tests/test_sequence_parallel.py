@@ -151,3 +151,63 @@ def test_length_not_divisible_is_a_clear_error(tmp_path):
   assert ("DataConfig.seq_len=96 is not divisible by 256: the sequence-parallel degree "
           "MeshConfig.seq=4" in proc.stderr), proc.stderr
   assert "chunk_size" in proc.stderr
+
+
+_PARALLEL_MOE = """
+  import dataclasses
+  import jax, jax.numpy as jnp, numpy as np, optax
+  from layers.attention import AttentionConfig, SlidingWindowConfig
+  from layers.linear_mixers import GLAConfig
+  from layers.moe import MoEConfig
+  from lctx.config import ModelConfig
+  from lctx.state import build
+  from lctx.steps import loss_sums
+  from sharding.mesh import MeshConfig, make_mesh
+  from sharding.sequence import SequenceParallelConfig
+
+  T = 64
+  cfg = ModelConfig(
+      vocab_size=64, d_model=24, num_layers=2, d_ff=32, mixers=("gla+swa", "gla+attention"),
+      mixer_options={"gla": GLAConfig(num_heads=2, head_dim=6, chunk_size=16),
+                     "swa": SlidingWindowConfig(num_heads=2, head_dim=6, window=9),
+                     "attention": AttentionConfig(num_heads=2, head_dim=6)},
+      moe=MoEConfig(enabled=True, num_experts=4, top_k=2, dense_layers=(0,)))
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(0, 64, (2, T)), "segment_ids": np.ones((2, T)),
+           "positions": np.broadcast_to(np.arange(T), (2, T))}
+  batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
+
+  def loss_and_grads(cfg, mesh_cfg, devices):
+    m = build(cfg, make_mesh(mesh_cfg, devices), optax.sgd(0.1))
+    fn = jax.value_and_grad(lambda p, b: loss_sums(m.model, p, b), has_aux=True)
+    step = m.jit(fn, in_shardings=(m.state_shardings["params"], m.batch_sharding),
+                 out_shardings=None)
+    gb = {k: jax.device_put(v, m.batch_sharding) for k, v in batch.items()}
+    (objective, sums), grads = step(m.init_state(0)["params"], gb)
+    return float(objective / sums["tokens"]), jax.device_get(grads)
+
+  ref_loss, ref_grads = loss_and_grads(cfg, MeshConfig(), jax.devices()[:1])
+  sp = SequenceParallelConfig(method="zeco", layout="zigzag")
+  loss, grads = loss_and_grads(dataclasses.replace(cfg, sequence_parallel=sp),
+                               MeshConfig(data=2, seq=4), None)
+  worst = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+              for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
+  assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+  assert worst <= 5e-5, worst
+  print("match", f"{worst:.1e}")
+
+  sinks = dict(cfg.mixer_options)
+  sinks["swa"] = dataclasses.replace(sinks["swa"], sink_tokens=2)
+  try:
+    loss_and_grads(dataclasses.replace(cfg, mixer_options=sinks, sequence_parallel=sp),
+                   MeshConfig(data=2, seq=4), None)
+  except ValueError as e:
+    print("refused:", e)
+"""
+
+
+def test_moe_parallel_hybrid_sharded_equals_unsharded_and_sink_tokens_are_refused():
+  out = run_with_devices(_PARALLEL_MOE)
+  assert "match" in out, out
+  assert ("refused: SlidingWindowConfig.sink_tokens=2 is not supported with sequence-parallel "
+          "softmax attention" in out), out
