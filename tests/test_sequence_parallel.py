@@ -165,7 +165,7 @@ _PARALLEL_MOE = """
   from sharding.mesh import MeshConfig, make_mesh
   from sharding.sequence import SequenceParallelConfig
 
-  T = 64
+  T = 128
   cfg = ModelConfig(
       vocab_size=64, d_model=24, num_layers=2, d_ff=32, mixers=("gla+swa", "gla+attention"),
       mixer_options={"gla": GLAConfig(num_heads=2, head_dim=6, chunk_size=16),
