@@ -4,6 +4,8 @@ The full-size SpikingBrain presets are only traced (jax.eval_shape: no parameter
 and their parameter counts are compared with counts written out from the published shapes.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 from experiments.run import load_configs
 from lctx.model import DecoderLM
+from tests.cli import ROOT
 
 G, S, A = "gla", "swa", "attention"
 # preset -> the mixer of every layer it must expand to
@@ -38,8 +41,6 @@ def _param_count(cfg) -> int:
 
 
 def test_every_preset_is_listed():
-  import os
-  from tests.cli import ROOT
   small = {f for f in os.listdir(os.path.join(ROOT, "gin/models")) if f.endswith(".gin")}
   assert small == set(LAYOUTS) | {"spikingbrain_7b.gin", "spikingbrain_76b.gin"}
 

@@ -149,9 +149,24 @@ def dv_part(p, do):
   return dot_tn(p.astype(do.dtype), do)
 
 
-def out_delta(out, dout):
-  """rowsum(dout * out) in float32, the softmax-backward correction term, as [..., 1]."""
-  return jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True)
+def out_delta(out, dout, dlse=None):
+  """The softmax-backward correction term rowsum(dout * out) - dlse in float32, as [..., 1].
+
+  dlse is the cotangent of the row logsumexp when the op also outputs it: d lse_i / d s_ij =
+  p_ij, so it folds into this term and the tile math is unchanged.
+  """
+  delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True)
+  return delta if dlse is None else delta - dlse
+
+
+def with_optional_lse(out, lse, with_lse: bool):
+  """The primal output of a flash custom_vjp: (out, lse) when it also returns lse, else out."""
+  return (out, lse) if with_lse else out
+
+
+def split_cotangent(cotangent, with_lse: bool):
+  """(dout, dlse) from the cotangent of `with_optional_lse`'s output (dlse None without lse)."""
+  return cotangent if with_lse else (cotangent, None)
 
 
 def sink_grad(sinks_rows, lse, delta):

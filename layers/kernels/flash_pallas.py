@@ -272,10 +272,7 @@ def _backward(st: _Static, q, k, v, q_seg, k_seg, out, lse, dout, dlse=None):
   b, h, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
   g, bq, bk = st.group, st.block_q, st.block_k
-  delta = fc.out_delta(out, dout)
-  if dlse is not None:
-    # d lse_i / d s_ij = p_ij: lse's cotangent folds into the correction term.
-    delta = delta - dlse
+  delta = fc.out_delta(out, dout, dlse)
   seg_args = [q_seg, k_seg] if st.has_seg else []
 
   q_blk = pl.BlockSpec((_SQ, _SQ, bq, d), lambda b, h, i: (b, h, i, 0))
@@ -313,19 +310,17 @@ def _backward(st: _Static, q, k, v, q_seg, k_seg, out, lse, dout, dlse=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st, q, k, v, q_seg, k_seg, sinks3):
-  out, lse = _forward(st, q, k, v, q_seg, k_seg, sinks3)
-  return (out, lse) if st.with_lse else out
+  return fc.with_optional_lse(*_forward(st, q, k, v, q_seg, k_seg, sinks3), st.with_lse)
 
 
 def _flash_fwd(st, q, k, v, q_seg, k_seg, sinks3):
   out, lse = _forward(st, q, k, v, q_seg, k_seg, sinks3)
-  primal = (out, lse) if st.with_lse else out
-  return primal, (q, k, v, q_seg, k_seg, sinks3, out, lse)
+  return fc.with_optional_lse(out, lse, st.with_lse), (q, k, v, q_seg, k_seg, sinks3, out, lse)
 
 
 def _flash_bwd(st, res, cotangent):
   q, k, v, q_seg, k_seg, sinks3, out, lse = res
-  dout, dlse = cotangent if st.with_lse else (cotangent, None)
+  dout, dlse = fc.split_cotangent(cotangent, st.with_lse)
   dq, dk, dv, delta = _backward(st, q, k, v, q_seg, k_seg, out, lse, dout, dlse)
   dsinks = None
   if sinks3 is not None:

@@ -150,26 +150,21 @@ def _forward(st: _Static, qb, kb, vb, q_seg, k_seg, sinks_hg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st, qb, kb, vb, q_seg, k_seg, sinks_hg):
-  out, lse = _forward(st, qb, kb, vb, q_seg, k_seg, sinks_hg)
-  return (out, lse) if st.with_lse else out
+  return fc.with_optional_lse(*_forward(st, qb, kb, vb, q_seg, k_seg, sinks_hg), st.with_lse)
 
 
 def _flash_fwd(st, qb, kb, vb, q_seg, k_seg, sinks_hg):
   out, lse = _forward(st, qb, kb, vb, q_seg, k_seg, sinks_hg)
-  primal = (out, lse) if st.with_lse else out
-  return primal, (qb, kb, vb, q_seg, k_seg, sinks_hg, out, lse)
+  return (fc.with_optional_lse(out, lse, st.with_lse),
+          (qb, kb, vb, q_seg, k_seg, sinks_hg, out, lse))
 
 
 def _flash_bwd(st, res, cotangent):
   qb, kb, vb, q_seg, k_seg, sinks_hg, out, lse = res
   nq, b, hk, rows, d = qb.shape
   nk = kb.shape[2] // st.block_k
-  dout, dlse = cotangent if st.with_lse else (cotangent, None)
-  delta = fc.out_delta(out, dout)
-  if dlse is not None:
-    # d lse_i / d s_ij = p_ij: lse's cotangent folds into the correction term, so the tile
-    # math below is unchanged.
-    delta = delta - dlse
+  dout, dlse = fc.split_cotangent(cotangent, st.with_lse)
+  delta = fc.out_delta(out, dout, dlse)
 
   def one_block(carry, args):
     i, q_i, do_i, lse_i, delta_i, q_seg_i = args
