@@ -8,28 +8,40 @@ import numpy as np
 from experiments.spike_stats import run_spike_stats
 from lctx import data as data_lib
 from lctx.checkpoint import Checkpointer
-from lctx.generate import generate
+from lctx.generate import check_request, generate
 from lctx.optim import make_optimizer
 from lctx.state import build
-from lctx.trainer import make_jitted_eval, run_eval, train
+from lctx.trainer import make_jitted_eval, restore_checkpoint, run_eval, train
 from sharding.mesh import make_mesh
 
 
-def _restore_params(workdir: str, configs: dict):
-  """The model on its mesh and the parameters of the latest checkpoint in `workdir`."""
+def _model_on_mesh(configs: dict):
   tx, _ = make_optimizer(configs["optimizer"], configs["train"].steps)
-  m = build(configs["model"], make_mesh(configs["mesh"]), tx)
+  return build(configs["model"], make_mesh(configs["mesh"]), tx)
+
+
+def _restore_params(workdir: str, configs: dict, m=None):
+  """The model on its mesh and the parameters of the newest readable checkpoint in `workdir`.
+
+  The checkpoint is compared with the configured model first; unreadable steps are reported and
+  skipped, never moved (a training run may own the workdir).
+  """
+  m = _model_on_mesh(configs) if m is None else m
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  if ckpt.latest_step() is None:
+  try:
+    restored = restore_checkpoint(ckpt, m, configs["model"], workdir, configs.get("gin"),
+                                  full_state=False, move_aside=False)
+  finally:
+    ckpt.close()
+  if restored is None:
     raise ValueError(f"no checkpoint in {ckpt.directory}; train first (RunConfig.mode='train')")
-  step, params = ckpt.restore_params(m.abstract_params)
-  ckpt.close()
+  step, params = restored
   return m, step, params
 
 
 def run_train(workdir: str, configs: dict) -> int:
   result = train(workdir, configs["model"], configs["data"], configs["optimizer"],
-                 configs["train"], configs["mesh"])
+                 configs["train"], configs["mesh"], gin_text=configs.get("gin"))
   if jax.process_index() == 0:
     ratio = result["eval_loss"] / result["unigram_loss"]
     print(f"\nFinished step {result['step']}: eval loss {result['eval_loss']:.4f} nats/token "
@@ -62,7 +74,9 @@ def run_generate(workdir: str, configs: dict) -> int:
   gen = configs["generate"]
   tokenizer = data_lib.make_tokenizer(configs["data"].tokenizer)
   prompt = np.asarray(tokenizer.encode(gen.prompt), np.int32)
-  m, step, params = _restore_params(workdir, configs)
+  m = _model_on_mesh(configs)
+  check_request(m.model, m.abstract_params, gen, len(prompt), configs["data"].seq_len)
+  m, step, params = _restore_params(workdir, configs, m)
   prompt_bt = np.broadcast_to(prompt, (gen.num_samples, len(prompt)))
   with m.context():
     tokens = generate(m.model, params, prompt_bt, jax.random.key(gen.seed),

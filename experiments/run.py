@@ -3,18 +3,26 @@
   python -m experiments.run --gin_file=gin/quickstart.gin --workdir=/tmp/run \
       [--gin_file=more.gin ...] [--gin.NAME=VALUE ...]
 
-`--gin.NAME=VALUE` becomes the gin binding `NAME = VALUE`; a bare word VALUE (no quotes, not a
-number, True/False/None, @reference or %macro) is taken as a string, so
-`--gin.RunConfig.mode=generate` works without shell quoting. Every config is built and checked
-before anything is traced or compiled; a bad binding exits with status 2 and a message naming it.
+`--gin.NAME=VALUE` becomes the gin binding `NAME = VALUE`; a VALUE that is not gin syntax (a
+number, True/False/None, a quoted string, a list, tuple or dict, an @reference or a %macro) is
+taken as a string, so `--gin.RunConfig.mode=generate`, `--gin.DataConfig.tokenizer=/abs/tok.json`
+and `--gin.ModelConfig.mixers=gla+swa` work without shell quoting. Every config is built and
+checked before anything is traced or compiled.
+
+Exit status: 0 done; 2 a configuration or usage error (a bad binding or flag, an unusable or busy
+workdir, a checkpoint that does not match the configured model), reported before anything is
+written; 3 training diverged (the last good checkpoint is kept); 4 a runtime failure (a corrupt or
+unreadable file, a full disk, an error inside a library), with a message naming the file.
 """
 
 import argparse
+import ast
 import dataclasses
 import logging
 import os
 import re
 import sys
+import traceback
 
 import gin
 
@@ -35,12 +43,25 @@ class RunConfig:
       raise ValueError(f"RunConfig.mode={self.mode!r}: allowed values are {list(MODES)}")
 
 
-_BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-./]*$")
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_RUNTIME = 2, 3, 4
+_GIN_SYNTAX_START = ("@", "%", "[", "(", "{", "'", '"')
+
+
+def _is_gin_value(value: str) -> bool:
+  """Whether VALUE is written in gin syntax rather than meant as a bare string."""
+  value = value.strip()
+  if not value or value.startswith(_GIN_SYNTAX_START) or value in ("True", "False", "None"):
+    return bool(value)
+  try:
+    ast.literal_eval(value)  # numbers: 3, -1, 1e-3
+    return True
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
+    return False
 
 
 def binding_from_flag(name: str, value: str) -> str:
-  """`--gin.NAME=VALUE` -> "NAME = VALUE", quoting a bare-word VALUE as a string."""
-  if _BARE_WORD.match(value) and value not in ("True", "False", "None"):
+  """`--gin.NAME=VALUE` -> "NAME = VALUE", quoting VALUE as a string unless it is gin syntax."""
+  if not _is_gin_value(value):
     value = repr(value)
   return f"{name} = {value}"
 
@@ -57,12 +78,15 @@ def parse_args(argv: list[str]):
     match = re.match(r"^--gin\.([^=]+)=(.*)$", arg, re.S)
     if not match:
       parser.error(f"unrecognized argument {arg!r} (gin overrides are --gin.NAME=VALUE)")
-    bindings.append(binding_from_flag(match.group(1), match.group(2)))
+    bindings.append((arg, binding_from_flag(match.group(1), match.group(2))))
   return args, bindings
 
 
-def load_configs(gin_files: list[str], bindings: list[str]) -> dict:
-  """Parses gin and builds every config; raises ValueError naming the bad setting."""
+def load_configs(gin_files: list[str], bindings: list) -> dict:
+  """Parses gin and builds every config; raises ValueError naming the bad setting.
+
+  `bindings` are gin binding strings, or (flag, binding) pairs whose errors name the flag.
+  """
   from lctx import configurables  # imported here so `--help` stays instant
 
   configurables.register(RunConfig)
@@ -79,10 +103,18 @@ def load_configs(gin_files: list[str], bindings: list[str]) -> dict:
     if not found:
       raise ValueError(f"--gin_file={path}: no such file (looked in . and {REPO_ROOT})")
     files.append(os.path.abspath(found[0]))
+  gin_errors = (ValueError, SyntaxError, KeyError, IOError)
   try:
-    gin.parse_config_files_and_bindings(files, bindings)
-  except (ValueError, SyntaxError, KeyError, IOError) as e:
+    gin.parse_config_files_and_bindings(files, None, finalize_config=False)
+  except gin_errors as e:
     raise ValueError(f"gin: {e}") from None
+  for item in bindings:  # one at a time, so an error names the flag the user wrote
+    flag, binding = item if isinstance(item, tuple) else (item, item)
+    try:
+      gin.parse_config(binding)
+    except gin_errors as e:
+      raise ValueError(f"{flag}: gin cannot use it as `{binding}`: {e}") from None
+  gin.finalize()
   configs = {}
   for section, cls in {"run": RunConfig, **configurables.SECTIONS}.items():
     try:
@@ -90,7 +122,33 @@ def load_configs(gin_files: list[str], bindings: list[str]) -> dict:
     except (ValueError, TypeError) as e:
       raise ValueError(str(e)) from None
   configs["model"] = configurables.with_bound_subconfigs(configs["model"])
+  for message in configurables.unused_mixer_bindings(configs["model"]):
+    logging.getLogger("lctx").warning(message)
   return configs
+
+
+def _raised_in_project(exc: BaseException) -> bool:
+  """Whether `exc` was raised by this repository's own code (its checks of the user's input)."""
+  frames = traceback.extract_tb(exc.__traceback__)
+  if not frames:
+    return False
+  path = os.path.abspath(frames[-1].filename)
+  return path.startswith(REPO_ROOT + os.sep) and os.sep + ".venv" + os.sep not in path
+
+
+def _runtime_failure(exc: BaseException) -> str:
+  """One paragraph on a runtime failure: what, the file it names, and where it was raised."""
+  frames = traceback.extract_tb(exc.__traceback__)
+  where = ""
+  if frames:
+    ours = [f for f in frames if os.path.abspath(f.filename).startswith(REPO_ROOT + os.sep)]
+    where = f" (raised at {frames[-1].filename}:{frames[-1].lineno}"
+    if ours and ours[-1] is not frames[-1]:
+      where += f", called from {os.path.relpath(ours[-1].filename, REPO_ROOT)}:{ours[-1].lineno}"
+    where += ")"
+  filename = getattr(exc, "filename", None)
+  named = f" [file: {filename}]" if filename else ""
+  return f"{type(exc).__name__}: {exc}{named}{where}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,28 +156,36 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  from lctx import workdir as workdir_lib
   try:
     configs = load_configs(args.gin_file, bindings)
+    workdir = workdir_lib.prepare(args.workdir)
   except ValueError as e:
     print(f"lctx: configuration error: {e}", file=sys.stderr)
-    return 2
-  workdir = os.path.abspath(args.workdir)
-  os.makedirs(workdir, exist_ok=True)
-  mode = configs["run"].mode
-  if mode == "train":
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-      f.write(gin.operative_config_str())
+    return EXIT_CONFIG
+  # The operative config is written by the mode once the workdir's checkpoint is known to match.
+  configs["gin"] = gin.operative_config_str()
 
   from experiments import modes  # heavy imports (jax) only after the config is known good
+  from lctx.errors import RunFailure
   from lctx.trainer import TrainingDiverged
   try:
-    return modes.MODES[mode](workdir, configs)
-  except ValueError as e:  # user-caused errors found before compiling (e.g. data paths)
-    print(f"lctx: error: {e}", file=sys.stderr)
-    return 2
+    return modes.MODES[configs["run"].mode](workdir, configs)
   except TrainingDiverged as e:
     print(f"lctx: training diverged: {e}", file=sys.stderr)
-    return 3
+    return EXIT_DIVERGED
+  except RunFailure as e:
+    print(f"lctx: runtime failure: {e}", file=sys.stderr)
+    return EXIT_RUNTIME
+  except ValueError as e:
+    if _raised_in_project(e):  # the project's own checks of settings, paths and checkpoints
+      print(f"lctx: error: {e}", file=sys.stderr)
+      return EXIT_CONFIG
+    print(f"lctx: runtime failure: {_runtime_failure(e)}", file=sys.stderr)
+    return EXIT_RUNTIME
+  except OSError as e:
+    print(f"lctx: runtime failure: {_runtime_failure(e)}", file=sys.stderr)
+    return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

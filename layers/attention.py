@@ -76,6 +76,16 @@ class AttentionConfig(HeadsConfig):
     if self.rope_base <= 1.0:
       raise ValueError(f"AttentionConfig.rope_base={self.rope_base} must be > 1")
 
+  def resolved_head_dim(self, d_model: int) -> int:
+    head_dim = super().resolved_head_dim(d_model)
+    if self.use_rope and head_dim % 2:
+      name = type(self).__name__
+      raise ValueError(f"{name}: head_dim = ModelConfig.d_model={d_model} / {name}.num_heads="
+                       f"{self.num_heads} = {head_dim} is odd, and RoPE rotates pairs of "
+                       f"channels; set {name}.head_dim to an even width or change d_model or "
+                       f"num_heads")
+    return head_dim
+
 
 @register_mixer("attention")
 class SoftmaxAttention(Mixer):

@@ -1,12 +1,13 @@
 """Type checks for frozen config dataclasses, so a bad gin value fails with the setting's name.
 
 `check_fields(cfg)` checks every field against its annotation (int, float, str, bool, optional
-variants and tuple[T, ...]; lists become tuples) and raises
+variants and tuple[T, ...]; lists become tuples; floats must be finite) and raises
 ValueError("ClassName.field=... must be ...") otherwise. Fields with other annotations are left
 to the class's own __post_init__ checks.
 """
 
 import dataclasses
+import math
 import numbers
 import types
 import typing
@@ -56,4 +57,6 @@ def check_fields(cfg) -> None:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int in allowed:
       object.__setattr__(cfg, field.name, int(value))
     elif isinstance(value, numbers.Real) and not isinstance(value, bool) and float in allowed:
+      if not math.isfinite(value):
+        raise ValueError(f"{name}.{field.name}={value!r} must be a finite number")
       object.__setattr__(cfg, field.name, float(value))

@@ -1,61 +1,210 @@
-"""Atomic, rotating checkpoints of the train state and the data-iterator position (orbax)."""
+"""Atomic, rotating, verified checkpoints of the train state and the data-iterator position (orbax).
 
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed mid-save leaves the previous checkpoints intact; the partial directory is removed on the
+next start. Only the last `keep` checkpoints are kept.
+
+Restoring verifies: `restore_newest_readable` reads the newest checkpoint's tree from its metadata
+(compared with the configured model by the caller before anything is loaded), restores every
+array and the data-iterator state, and lets the caller check what it got. A checkpoint that fails
+any of this (a deleted `_METADATA` or array directory, an emptied OCDBT manifest, a missing or
+garbled data item, non-finite parameters) is reported with its step and the reason, moved aside to
+`<checkpoints>_unreadable/STEP` (never deleted) when the caller owns the workdir, and the next
+newest is tried.
+"""
+
+import logging
 import os
+import shutil
+import sys
+from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
 
+from lctx.errors import RunFailure
+
+log = logging.getLogger("lctx")
+
+
+class CheckpointUnreadable(Exception):
+  """One checkpoint step cannot be read (the message says why)."""
+
+
+def _handler_registry():
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+    registry.add("state", args, ocp.StandardCheckpointHandler)
+  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+  for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+    registry.add("data", args, ocp.JsonCheckpointHandler)
+  return registry
+
+
+def _reason(e: BaseException) -> str:
+  """The root cause of `e` in one line (orbax wraps tensorstore's message, which names the file)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
+
+
+_DROPPED_CALLBACKS = [0]
+
+
+def _drop_late_read_callbacks() -> None:
+  """After a failed restore, tensorstore still completes the reads orbax issued; their callbacks
+  find orbax's event loop closed and report it as unraisable exceptions, one traceback per array.
+  Those (and only those) are counted and dropped; any other unraisable exception is reported."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_lctx", False):
+    return
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      _DROPPED_CALLBACKS[0] += 1
+      return
+    previous(unraisable)
+
+  hook._lctx = True
+  sys.unraisablehook = hook
+
 
 class Checkpointer:
-  """Saves {"state": train state, "data": data-iterator state} every step it is asked to.
-
-  Orbax writes each step into a temporary directory and renames it when complete, so a process
-  killed mid-save leaves the previous checkpoints intact; the partial directory is removed on the
-  next start. Only the last `keep` checkpoints are kept.
-  """
+  """Saves {"state": train state, "data": data-iterator state} every step it is asked to."""
 
   def __init__(self, directory: str, keep: int = 3):
     self.directory = os.path.abspath(directory)
+    self.unreadable_directory = self.directory + "_unreadable"
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            cleanup_tmp_directories=True,
                                            enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data"))
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            handler_registry=_handler_registry())
+    except (OSError, ValueError) as e:
+      raise RunFailure(f"cannot open the checkpoint directory {self.directory}: "
+                       f"{_reason(e)}") from e
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_state: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data_state)),
-                       force=True)
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       data=ocp.args.JsonSave(data_state)),
+                         force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # a full disk, a vanished directory: the earlier steps stay intact
+      raise RunFailure(f"saving the checkpoint of step {step} to {self.directory} failed "
+                       f"({_reason(e)}); the earlier checkpoints {self.all_steps()} are "
+                       f"kept") from e
 
-  def restore(self, abstract_state, step: int | None = None):
-    """Restores (step, state, data_state); `abstract_state` gives shapes, dtypes and shardings."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise ValueError(f"no checkpoint found in {self.directory}")
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=ocp.args.JsonRestore()))
-    return step, restored["state"], restored["data"]
+  def tree_signature(self, step: int) -> dict:
+    """{path: shape} of the saved train state, from its metadata (no arrays are read)."""
+    from lctx.compat import tree_signature
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+    except Exception as e:
+      raise CheckpointUnreadable(f"its metadata cannot be read ({_reason(e)})") from e
+    if metadata is None:
+      raise CheckpointUnreadable("it has no train-state item")
+    tree = getattr(metadata, "tree", metadata)
+    signature = tree_signature(tree)
+    if not signature:
+      raise CheckpointUnreadable("its metadata lists no arrays")
+    return signature
 
-  def restore_params(self, abstract_params, step: int | None = None):
-    """Restores only the parameters of a checkpoint (for evaluation and generation)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise ValueError(f"no checkpoint found in {self.directory}: train first (mode 'train')")
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
-                                      {"params": abstract_params}),
-            partial_restore=True)))
-    return step, restored["state"]["params"]
+  def restore(self, abstract_state, step: int):
+    """(state, data_state) of `step`; `abstract_state` gives shapes, dtypes and shardings."""
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        data=ocp.args.JsonRestore()))
+      state, data = restored["state"], restored["data"]
+    except Exception as e:
+      _drop_late_read_callbacks()
+      raise CheckpointUnreadable(f"restoring it failed ({_reason(e)})") from e
+    if not isinstance(data, dict):
+      raise CheckpointUnreadable(f"its data-iterator item is {type(data).__name__}, not a dict")
+    return state, data
+
+  def restore_params(self, abstract_params, step: int):
+    """Only the parameters of `step` (for evaluation and generation)."""
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+              item={"params": abstract_params},
+              restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                        {"params": abstract_params}),
+              partial_restore=True)))
+      return restored["state"]["params"]
+    except Exception as e:
+      _drop_late_read_callbacks()
+      raise CheckpointUnreadable(f"restoring its parameters failed ({_reason(e)})") from e
+
+  def move_aside(self, step: int, reason: str) -> str:
+    """Moves an unreadable step out of the checkpoint directory (kept, never deleted)."""
+    os.makedirs(self.unreadable_directory, exist_ok=True)
+    dest, n = os.path.join(self.unreadable_directory, str(step)), 1
+    while os.path.exists(dest):
+      n += 1
+      dest = os.path.join(self.unreadable_directory, f"{step}.{n}")
+    shutil.move(self.step_dir(step), dest)
+    with open(dest + ".reason.txt", "w") as f:
+      f.write(reason + "\n")
+    self._manager.reload()
+    return dest
 
   def close(self) -> None:
     self._manager.close()
+
+
+def restore_newest_readable(ckpt: Checkpointer, check_tree: Callable[[int, dict], None],
+                            restore: Callable[[int], object], *, move_aside: bool):
+  """(step, restore(step)) of the newest checkpoint that reads, or None if there is none.
+
+  For each step, newest first: its metadata tree goes to `check_tree(step, signature)`, which
+  raises (a ValueError naming the settings) when the checkpoint does not fit the configured model;
+  that error propagates untouched, since an older step would not fit either. Then `restore(step)`
+  loads it and may raise CheckpointUnreadable after checking what it loaded. Unreadable steps are
+  reported, moved aside when `move_aside` (the caller holds the workdir), else skipped; if every
+  step is unreadable, RunFailure lists them all.
+  """
+  failures = []
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      signature = ckpt.tree_signature(step)
+    except CheckpointUnreadable as e:
+      failures.append(_unreadable(ckpt, step, str(e), move_aside))
+      continue
+    check_tree(step, signature)
+    try:
+      result = restore(step)
+    except CheckpointUnreadable as e:
+      failures.append(_unreadable(ckpt, step, str(e), move_aside))
+      continue
+    if failures:
+      log.warning("restored the newest readable checkpoint, step %d", step)
+    return step, result
+  if failures:
+    raise RunFailure(f"no readable checkpoint in {ckpt.directory}: " + "; ".join(failures)
+                     + ". Restore a good copy there, or remove them to start afresh")
+  return None
+
+
+def _unreadable(ckpt: Checkpointer, step: int, reason: str, move_aside: bool) -> str:
+  message = f"step {step} ({ckpt.step_dir(step)}) is unreadable: {reason}"
+  if move_aside:
+    message += f"; moved to {ckpt.move_aside(step, reason)}"
+  else:
+    message += "; skipped"
+  log.warning("checkpoint %s", message)
+  return message

@@ -111,8 +111,10 @@ class ModelConfig:
     resolve_dtype(self.param_dtype, "ModelConfig.param_dtype")
     if self.norm_eps <= 0:
       raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
-    for name in self.mixer_names():  # resolve dims now so bad shapes fail before tracing
-      options = self.mixer_config(name)
+    # Resolve the head widths of the mixer configs the model holds, so bad shapes fail before
+    # tracing (configurables.with_bound_subconfigs fills in the gin-bound ones, which runs this
+    # again; defaults of configs not yet bound are not judged).
+    for _, options in self.mixer_options:
       if hasattr(options, "resolved_head_dim"):
         options.resolved_head_dim(self.d_model)
 

@@ -65,3 +65,19 @@ for _cls in (SequenceParallelConfig, SpikeConfig, MoEConfig, LayerPattern):
   register(_cls)
 for _name in available_mixers():
   register(get_mixer(_name).Config)
+
+
+def unused_mixer_bindings(model: ModelConfig) -> list[str]:
+  """Warnings for mixer configs bound in gin that no layer of `model` uses (they have no effect)."""
+  used = {type(model.mixer_config(name)).__name__ for name in model.mixer_names()}
+  by_config: dict[str, list[str]] = {}
+  for name in available_mixers():
+    by_config.setdefault(get_mixer(name).Config.__name__, []).append(name)
+  messages = []
+  for config_name, mixers in sorted(by_config.items()):
+    bound = gin.get_bindings(config_name)
+    if bound and config_name not in used:
+      settings = ", ".join(f"{config_name}.{k}" for k in sorted(bound))
+      messages.append(f"{settings} bound but unused: no layer uses the {'/'.join(mixers)} "
+                      f"mixer (ModelConfig.mixers={list(model.mixers)})")
+  return messages

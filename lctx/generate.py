@@ -5,6 +5,7 @@ decoding is tested against.
 """
 
 import dataclasses
+import os
 from functools import partial
 
 import jax
@@ -22,6 +23,9 @@ class GenerateConfig:
     top_k: sample only among the k most likely tokens (0: all).
     num_samples: continuations generated in one batch.
     seed: sampling seed.
+    max_length: the longest sequence (prompt + new tokens) generation may reach; None means
+      8 x DataConfig.seq_len (the trained length; RoPE and linear layers extrapolate, but each
+      new token attends to the whole cache, so the cost grows with the square of the length).
   """
 
   prompt: str = "def "
@@ -30,15 +34,57 @@ class GenerateConfig:
   top_k: int = 0
   num_samples: int = 1
   seed: int = 0
+  max_length: int | None = None
 
   def __post_init__(self):
     check_fields(self)
+    if self.max_length is not None and self.max_length < 2:
+      raise ValueError(f"GenerateConfig.max_length={self.max_length} must be >= 2 or None")
     if not self.prompt:
       raise ValueError("GenerateConfig.prompt must not be empty")
     if self.max_new_tokens < 1 or self.num_samples < 1 or self.top_k < 0:
       raise ValueError("GenerateConfig.max_new_tokens and num_samples must be >= 1, top_k >= 0")
     if self.temperature < 0:
       raise ValueError(f"GenerateConfig.temperature must be >= 0, got {self.temperature}")
+
+
+EXTRAPOLATION = 8  # default GenerateConfig.max_length in units of the trained length
+
+
+def _available_memory_bytes() -> int | None:
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError):
+    return None
+
+
+def check_request(model, abstract_params, gen: GenerateConfig, prompt_len: int,
+                  seq_len: int) -> None:
+  """Refuses, before anything is compiled, a generation the model or its cache cannot serve."""
+  vocab = model.config.vocab_size
+  if gen.top_k > vocab:
+    raise ValueError(f"GenerateConfig.top_k={gen.top_k} is larger than the vocabulary "
+                     f"(ModelConfig.vocab_size={vocab}); use at most {vocab}, or 0 for all")
+  total = prompt_len + gen.max_new_tokens
+  limit = gen.max_length or EXTRAPOLATION * seq_len
+  if total > limit:
+    which = (f"GenerateConfig.max_length={gen.max_length}" if gen.max_length else
+             f"GenerateConfig.max_length=None, i.e. {EXTRAPOLATION} x DataConfig.seq_len="
+             f"{seq_len}")
+    raise ValueError(f"GenerateConfig.max_new_tokens={gen.max_new_tokens}: the prompt "
+                     f"({prompt_len} tokens) plus the new tokens make {total}, more than "
+                     f"{which}; lower max_new_tokens or raise GenerateConfig.max_length")
+  cache = jax.eval_shape(lambda p: init_cache(model, p, gen.num_samples, total), abstract_params)
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+  available = _available_memory_bytes()
+  if available is not None and cache_bytes > available:
+    raise ValueError(f"GenerateConfig.max_new_tokens={gen.max_new_tokens} with num_samples="
+                     f"{gen.num_samples}: the decoding cache for {total} positions needs "
+                     f"{cache_bytes / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+                     f"available")
 
 
 def sample_token(logits_bv, rng, temperature: float, top_k: int):

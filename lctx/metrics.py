@@ -16,7 +16,10 @@ class MetricsWriter:
 
   On resume from checkpoint step `resume_step`, rows after that step (written by a run that was
   killed before its next checkpoint) are dropped, so the file of a resumed run equals the file of
-  an uninterrupted one.
+  an uninterrupted one. Rows up to that step are never dropped or changed: when the resumed run
+  logs other columns (another TrainConfig.position_buckets or sequence length gives other
+  `ppl_pos_*` buckets), the header becomes the union, earlier columns first, and each row keeps
+  its values, empty where it had no such column.
   """
 
   def __init__(self, workdir: str, extra_columns: tuple[str, ...], resume_step: int = 0,
@@ -35,8 +38,12 @@ class MetricsWriter:
     if not os.path.exists(self.path):
       return
     with open(self.path, newline="") as f:
-      rows = list(csv.DictReader(f))
-    kept = [r for r in rows if _complete(r, self.columns) and int(r["step"]) <= resume_step]
+      reader = csv.DictReader(f)
+      rows = list(reader)
+      header = tuple(reader.fieldnames or ())
+    kept = [r for r in rows if _complete(r, header) and int(r["step"]) <= resume_step]
+    if kept:  # extend, never shrink, the columns of a file that holds history
+      self.columns = header + tuple(c for c in self.columns if c not in header)
     tmp = self.path + ".tmp"
     with open(tmp, "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=self.columns)

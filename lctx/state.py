@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec
+
 from lctx.config import ModelConfig
 from lctx.model import DecoderLM
 from sharding.rules import LOGICAL_AXIS_RULES, batch_sharding, logical_shardings
@@ -59,6 +61,33 @@ class ModelOnMesh:
     return call
 
 
+# The setting behind each logical parameter axis, for error messages.
+AXIS_SETTINGS = {"embed": "ModelConfig.d_model", "mlp": "ModelConfig.d_ff (or MoEConfig.d_expert)",
+                 "vocab": "ModelConfig.vocab_size", "heads": "the mixers' num_heads",
+                 "kv_heads": "the mixers' num_kv_heads"}
+
+
+def check_divisible(abstract_boxed_params, shardings, mesh: jax.sharding.Mesh) -> None:
+  """Every sharded parameter dimension must divide by its mesh axes (checked before tracing)."""
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  logical = jax.tree.leaves(nn.get_partition_spec(abstract_boxed_params), is_leaf=is_spec)
+  leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_boxed_params))[0]
+  for (path, leaf), names, sharding in zip(leaves, logical, jax.tree.leaves(shardings)):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      degree = 1
+      for a in axes:
+        degree *= mesh.shape[a]
+      if degree > 1 and size % degree:
+        name = names[dim] if dim < len(names) else None
+        setting = AXIS_SETTINGS.get(name, f"the size of logical axis {name!r}")
+        mesh_axes = " x ".join(f"MeshConfig.{a}={mesh.shape[a]}" for a in axes)
+        raise ValueError(f"parameter {jax.tree_util.keystr(path, simple=True, separator='/')}: "
+                         f"dimension {dim} has size {size} ({setting}), which does not divide "
+                         f"by {mesh_axes}; choose sizes divisible by the mesh axes or other "
+                         f"MeshConfig degrees")
+
+
 def build(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, tx) -> ModelOnMesh:
   model = DecoderLM(model_cfg)
   # Parameters do not depend on sequence parallelism; initializing without it lets a 2-token
@@ -72,6 +101,7 @@ def build(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, tx) -> ModelOnMesh:
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = logical_shardings(abstract_boxed, mesh)
+  check_divisible(abstract_boxed["params"], shardings["params"], mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(abstract_boxed), shardings)
   init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)

@@ -96,3 +96,10 @@ def make_eval_step(model, num_buckets: int, seq_len: int):
     return ce_sum, count
 
   return eval_step
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is free of NaN and infinity (jittable)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)

@@ -10,14 +10,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from lctx import compat
 from lctx import data as data_lib
 from lctx import evaluate
-from lctx.checkpoint import Checkpointer
+from lctx.checkpoint import Checkpointer, CheckpointUnreadable, restore_newest_readable
 from lctx.config import ModelConfig
 from lctx.metrics import MetricsWriter
 from lctx.optim import OptimizerConfig, make_optimizer
 from lctx.state import ModelOnMesh, build
-from lctx.steps import make_eval_step, make_train_step
+from lctx.steps import all_finite, make_eval_step, make_train_step
+from lctx.workdir import WorkdirLock
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.sequence import required_length_multiple
 from layers.validation import check_fields
@@ -65,7 +67,7 @@ class TrainConfig:
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite."""
+  """The loss, the gradient norm or the updated parameters became NaN or infinite."""
 
 
 def check_compatible(model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
@@ -112,9 +114,67 @@ def make_jitted_eval(m: ModelOnMesh, train_cfg: TrainConfig, seq_len: int):
                in_shardings=(m.state_shardings["params"], m.batch_sharding), out_shardings=None)
 
 
+def write_operative_config(workdir: str, gin_text: str | None) -> None:
+  """Writes config.gin atomically (a kill mid-write leaves the previous one)."""
+  if gin_text is None:
+    return
+  path = os.path.join(workdir, "config.gin")
+  with open(path + ".tmp", "w") as f:
+    f.write(gin_text)
+  os.replace(path + ".tmp", path)
+
+
+def restore_checkpoint(ckpt: Checkpointer, m: ModelOnMesh, model_cfg: ModelConfig, workdir: str,
+                       gin_text: str | None, *, full_state: bool, data_iter=None,
+                       move_aside: bool):
+  """(step, state or params) of the newest readable checkpoint that fits the model, or None.
+
+  The checkpoint's tree is compared with the configured model (the whole train state when
+  `full_state`, else the parameters) before any array is read; a mismatch raises ValueError naming
+  the parameter and the settings. A restored state must hold finite parameters, and its
+  data-iterator state must apply to `data_iter`.
+  """
+  wanted = compat.tree_signature(m.abstract_state if full_state else
+                                 {"params": m.abstract_params})
+
+  def check_tree(step, saved):
+    if not full_state:
+      saved = {k: v for k, v in saved.items() if k.startswith("params/")}
+    compat.check_matches(saved, wanted, step=step, step_dir=ckpt.step_dir(step),
+                         workdir=workdir, gin_text=gin_text, model_cfg=model_cfg)
+
+  def restore(step):
+    if full_state:
+      state, data_state = ckpt.restore(m.abstract_state, step)
+      params = state["params"]
+    else:
+      state = params = ckpt.restore_params(m.abstract_params, step)
+    if not bool(all_finite(params)):
+      raise CheckpointUnreadable("its parameters hold NaN or infinite values")
+    if data_iter is not None:
+      try:
+        data_iter.set_state(data_state)
+      except Exception as e:
+        raise CheckpointUnreadable(f"its data-iterator state does not apply "
+                                   f"({type(e).__name__}: {e})") from e
+    return state
+
+  return restore_newest_readable(ckpt, check_tree, restore, move_aside=move_aside)
+
+
 def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
-          opt_cfg: OptimizerConfig, train_cfg: TrainConfig, mesh_cfg: MeshConfig) -> dict:
-  """Trains (or resumes) in `workdir`; returns the final evaluation and the unigram baseline."""
+          opt_cfg: OptimizerConfig, train_cfg: TrainConfig, mesh_cfg: MeshConfig,
+          gin_text: str | None = None) -> dict:
+  """Trains (or resumes) in `workdir`; returns the final evaluation and the unigram baseline.
+
+  The workdir is locked for the whole run. `gin_text` (the operative config) is written to
+  config.gin once the workdir's checkpoint is known to fit the configured model.
+  """
+  with WorkdirLock(workdir):
+    return _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
+
+
+def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text):
   tokenizer = data_lib.make_tokenizer(data_cfg.tokenizer)
   mesh = make_mesh(mesh_cfg)
   check_compatible(model_cfg, data_cfg, train_cfg, tokenizer, mesh)
@@ -125,13 +185,17 @@ def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
   tx, schedule = make_optimizer(opt_cfg, train_cfg.steps)
   m = build(model_cfg, mesh, tx)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is None:
+  restored = restore_checkpoint(ckpt, m, model_cfg, workdir, gin_text, full_state=True,
+                                data_iter=data_iter, move_aside=True)
+  write_operative_config(workdir, gin_text)
+  if restored is None:
     start, state = 0, m.init_state(train_cfg.seed)
   else:
-    start, state, data_state = ckpt.restore(m.abstract_state)
-    data_iter.set_state(data_state)
+    start, state = restored
     print(f"Resuming from the checkpoint at step {start} in {ckpt.directory}")
+    if start >= train_cfg.steps:
+      print(f"The checkpoint's step {start} is at or past TrainConfig.steps={train_cfg.steps}: "
+            f"nothing to train; evaluating the checkpoint of step {start}")
 
   buckets = evaluate.bucket_edges(data_cfg.seq_len, train_cfg.position_buckets)
   aux_columns = ("aux_loss",) if model_cfg.moe.enabled else ()
@@ -149,6 +213,7 @@ def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
                      in_shardings=(m.state_shardings, m.batch_sharding),
                      out_shardings=(m.state_shardings, None), donate_argnums=(0,))
   eval_step = make_jitted_eval(m, train_cfg, data_cfg.seq_len)
+  finite = jax.jit(all_finite)
 
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
   pending: list[tuple[int, dict]] = []
@@ -171,14 +236,18 @@ def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
       # fetched loss is checked before anything is saved.
       fetched = [(s, jax.device_get(mm)) for s, mm in pending]
       pending.clear()
+      def diverged(what: str) -> TrainingDiverged:
+        where = (f"the last good checkpoint (step {last_good}) in {ckpt.directory} is kept"
+                 if last_good else "no checkpoint had been saved yet")
+        return TrainingDiverged(
+            f"{what}: training stopped; {where}. Lower OptimizerConfig.learning_rate (now "
+            f"{opt_cfg.learning_rate}) or enable OptimizerConfig.clip_norm (now "
+            f"{opt_cfg.clip_norm}).")
+
       for s, mm in fetched:
-        if not math.isfinite(float(mm["loss"])):
-          where = (f"the last good checkpoint (step {last_good}) in {ckpt.directory} is kept"
-                   if last_good else "no checkpoint had been saved yet")
-          raise TrainingDiverged(
-              f"loss is {float(mm['loss'])} at step {s}: training stopped; {where}. Lower "
-              f"OptimizerConfig.learning_rate (now {opt_cfg.learning_rate}) or enable "
-              f"OptimizerConfig.clip_norm.")
+        for key in ("loss", "grad_norm"):
+          if not math.isfinite(float(mm[key])):
+            raise diverged(f"{key} is {float(mm[key])} at step {s}")
       now = time.perf_counter()
       if is_last or step % train_cfg.log_every == 0:
         mm = fetched[-1][1]
@@ -196,6 +265,16 @@ def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
         bar.write(f"step {step}: eval loss {final_eval['eval_loss']:.4f} "
                   f"(ppl {final_eval['eval_ppl']:.2f}; unigram baseline {unigram:.4f})")
       if do_ckpt:
+        # Only a state that can be trained on is saved: finite updated parameters with a finite
+        # loss on a held-out batch (the fetched losses above were of the pre-update parameters).
+        if not bool(finite(state["params"])):
+          raise diverged(f"the parameters after step {step} hold NaN or infinite values "
+                         f"(not saved)")
+        probe_sum, _ = eval_step(state["params"], global_batch(m, eval_data[0]))
+        probe = float(np.sum(np.asarray(probe_sum)))
+        if not math.isfinite(probe):
+          raise diverged(f"the parameters after step {step} give a loss of {probe} on a "
+                         f"held-out batch (not saved)")
         ckpt.save(step, state, data_iter.get_state())
         last_good = step
       if do_eval or do_ckpt:  # keep eval and save time out of the next tokens/s
@@ -206,5 +285,5 @@ def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
     ckpt.close()
   if final_eval is None:  # the run had already finished: evaluate the final checkpoint
     final_eval = run_eval(m, eval_step, state["params"], eval_data, data_cfg.seq_len)
-  return {"step": train_cfg.steps, "unigram_loss": unigram, **final_eval,
+  return {"step": max(start, train_cfg.steps), "unigram_loss": unigram, **final_eval,
           "checkpoints": ckpt.directory, "metrics": metrics.path}
