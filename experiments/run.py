@@ -121,7 +121,6 @@ def load_configs(gin_files: list[str], bindings: list) -> dict:
       configs[section] = configurables.configured(cls)
     except (ValueError, TypeError) as e:
       raise ValueError(str(e)) from None
-  configs["model"] = configurables.with_bound_subconfigs(configs["model"])
   for message in configurables.unused_mixer_bindings(configs["model"]):
     logging.getLogger("lctx").warning(message)
   return configs

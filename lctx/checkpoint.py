@@ -53,9 +53,10 @@ _DROPPED_CALLBACKS = [0]
 
 
 def _drop_late_read_callbacks() -> None:
-  """After a failed restore, tensorstore still completes the reads orbax issued; their callbacks
-  find orbax's event loop closed and report it as unraisable exceptions, one traceback per array.
-  Those (and only those) are counted and dropped; any other unraisable exception is reported."""
+  """When a read fails, tensorstore still completes the other reads orbax issued; their callbacks
+  find orbax's event loop closed and report it as unraisable exceptions, one traceback per array
+  (even while the failing call is still unwinding). Those (and only those) are counted and
+  dropped; any other unraisable exception is reported as before."""
   previous = sys.unraisablehook
   if getattr(previous, "_lctx", False):
     return
@@ -77,6 +78,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int = 3):
     self.directory = os.path.abspath(directory)
     self.unreadable_directory = self.directory + "_unreadable"
+    _drop_late_read_callbacks()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            cleanup_tmp_directories=True,
                                            enable_async_checkpointing=False)
@@ -130,7 +132,6 @@ class Checkpointer:
                                         data=ocp.args.JsonRestore()))
       state, data = restored["state"], restored["data"]
     except Exception as e:
-      _drop_late_read_callbacks()
       raise CheckpointUnreadable(f"restoring it failed ({_reason(e)})") from e
     if not isinstance(data, dict):
       raise CheckpointUnreadable(f"its data-iterator item is {type(data).__name__}, not a dict")
@@ -147,7 +148,6 @@ class Checkpointer:
               partial_restore=True)))
       return restored["state"]["params"]
     except Exception as e:
-      _drop_late_read_callbacks()
       raise CheckpointUnreadable(f"restoring its parameters failed ({_reason(e)})") from e
 
   def move_aside(self, step: int, reason: str) -> str:
@@ -195,8 +195,11 @@ def restore_newest_readable(ckpt: Checkpointer, check_tree: Callable[[int, dict]
       log.warning("restored the newest readable checkpoint, step %d", step)
     return step, result
   if failures:
+    advice = (f"they are kept in {ckpt.unreadable_directory}; put a good copy back in "
+              f"{ckpt.directory}, or run again to start afresh" if move_aside else
+              "put a good copy there, or train again")
     raise RunFailure(f"no readable checkpoint in {ckpt.directory}: " + "; ".join(failures)
-                     + ". Restore a good copy there, or remove them to start afresh")
+                     + f". {advice}")
   return None
 
 

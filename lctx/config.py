@@ -1,5 +1,7 @@
 """Model configuration: one frozen dataclass, bound by gin (see lctx/configurables.py)."""
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Mapping
 
@@ -20,6 +22,24 @@ def resolve_dtype(name: str, setting: str):
     return _DTYPES[name]
   except KeyError:
     raise ValueError(f"{setting}={name!r}: allowed values are {sorted(_DTYPES)}") from None
+
+
+_CHECK_DEFAULT_MIXERS = contextvars.ContextVar("lctx_check_default_mixers", default=True)
+
+
+@contextlib.contextmanager
+def mixer_defaults_unchecked():
+  """ModelConfigs built inside do not judge the head widths of mixers they hold no config for.
+
+  Gin builds ModelConfig before the mixer configs it binds are filled in
+  (configurables.with_bound_subconfigs, which builds it again and checks them); judging the
+  default configs in between would refuse d_model=30 with num_heads=6 bound.
+  """
+  token = _CHECK_DEFAULT_MIXERS.set(False)
+  try:
+    yield
+  finally:
+    _CHECK_DEFAULT_MIXERS.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +131,11 @@ class ModelConfig:
     resolve_dtype(self.param_dtype, "ModelConfig.param_dtype")
     if self.norm_eps <= 0:
       raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
-    # Resolve the head widths of the mixer configs the model holds, so bad shapes fail before
-    # tracing (configurables.with_bound_subconfigs fills in the gin-bound ones, which runs this
-    # again; defaults of configs not yet bound are not judged).
-    for _, options in self.mixer_options:
+    held = dict(self.mixer_options)
+    for name in self.mixer_names():  # resolve dims now so bad shapes fail before tracing
+      if name not in held and not _CHECK_DEFAULT_MIXERS.get():
+        continue
+      options = self.mixer_config(name)
       if hasattr(options, "resolved_head_dim"):
         options.resolved_head_dim(self.d_model)
 

@@ -12,7 +12,7 @@ import gin
 from layers.moe import MoEConfig
 from layers.registry import available_mixers, get_mixer
 from layers.spiking import SpikeConfig
-from lctx.config import ModelConfig
+from lctx.config import ModelConfig, mixer_defaults_unchecked
 from lctx.data import DataConfig
 from lctx.generate import GenerateConfig
 from lctx.optim import OptimizerConfig
@@ -36,7 +36,12 @@ def register(cls: type) -> type:
 
 
 def configured(cls: type):
-  """An instance of `cls` with the gin bindings applied."""
+  """An instance of `cls` with the gin bindings applied (a ModelConfig with the bound configs of
+  its mixers and nested configs, with_bound_subconfigs)."""
+  if cls is ModelConfig:
+    with mixer_defaults_unchecked():
+      model = register(cls)()
+    return with_bound_subconfigs(model)
   return register(cls)()
 
 

@@ -167,9 +167,12 @@ def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
           gin_text: str | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns the final evaluation and the unigram baseline.
 
-  The workdir is locked for the whole run. `gin_text` (the operative config) is written to
-  config.gin once the workdir's checkpoint is known to fit the configured model.
+  The workdir is locked for the whole run (by process 0: the processes of one multi-process run
+  share it). `gin_text` (the operative config) is written to config.gin once the workdir's
+  checkpoint is known to fit the configured model.
   """
+  if jax.process_index() != 0:
+    return _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
   with WorkdirLock(workdir):
     return _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
 
@@ -185,9 +188,14 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
   tx, schedule = make_optimizer(opt_cfg, train_cfg.steps)
   m = build(model_cfg, mesh, tx)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
-  restored = restore_checkpoint(ckpt, m, model_cfg, workdir, gin_text, full_state=True,
-                                data_iter=data_iter, move_aside=True)
-  write_operative_config(workdir, gin_text)
+  try:
+    restored = restore_checkpoint(ckpt, m, model_cfg, workdir, gin_text, full_state=True,
+                                  data_iter=data_iter, move_aside=True)
+  except BaseException:
+    ckpt.close()
+    raise
+  if jax.process_index() == 0:
+    write_operative_config(workdir, gin_text)
   if restored is None:
     start, state = 0, m.init_state(train_cfg.seed)
   else:

@@ -28,3 +28,20 @@ def env():
 def run(workdir, *extra, timeout=300):
   return subprocess.run(command(workdir, *extra), cwd=ROOT, env=env(), capture_output=True,
                         text=True, timeout=timeout)
+
+
+def run_in_process(workdir, *extra):
+  """`experiments.run.main` in this process, for runs that stop before compiling or train a few
+  tiny steps (no interpreter start, no jax import); returns (exit status, stdout, stderr).
+
+  Log records go to pytest's capture (caplog), not to the returned stderr.
+  """
+  import contextlib
+  import io
+
+  from experiments.run import main
+
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = main([f"--workdir={workdir}", *TINY, *extra])
+  return code, out.getvalue(), err.getvalue()
