@@ -11,7 +11,8 @@ from lctx.checkpoint import Checkpointer
 from lctx.generate import check_request, generate
 from lctx.optim import make_optimizer
 from lctx.state import build
-from lctx.trainer import make_jitted_eval, restore_checkpoint, run_eval, train
+from lctx.restore import restore_checkpoint
+from lctx.trainer import make_jitted_eval, run_eval, train
 from sharding.mesh import make_mesh
 
 

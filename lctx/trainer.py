@@ -10,13 +10,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from lctx import compat
 from lctx import data as data_lib
 from lctx import evaluate
-from lctx.checkpoint import Checkpointer, CheckpointUnreadable, restore_newest_readable
+from lctx.checkpoint import Checkpointer
 from lctx.config import ModelConfig
 from lctx.metrics import MetricsWriter
 from lctx.optim import OptimizerConfig, make_optimizer
+from lctx.restore import restore_checkpoint
 from lctx.state import ModelOnMesh, build
 from lctx.steps import all_finite, make_eval_step, make_train_step
 from lctx.workdir import WorkdirLock
@@ -124,44 +124,6 @@ def write_operative_config(workdir: str, gin_text: str | None) -> None:
   os.replace(path + ".tmp", path)
 
 
-def restore_checkpoint(ckpt: Checkpointer, m: ModelOnMesh, model_cfg: ModelConfig, workdir: str,
-                       gin_text: str | None, *, full_state: bool, data_iter=None,
-                       move_aside: bool):
-  """(step, state or params) of the newest readable checkpoint that fits the model, or None.
-
-  The checkpoint's tree is compared with the configured model (the whole train state when
-  `full_state`, else the parameters) before any array is read; a mismatch raises ValueError naming
-  the parameter and the settings. A restored state must hold finite parameters, and its
-  data-iterator state must apply to `data_iter`.
-  """
-  wanted = compat.tree_signature(m.abstract_state if full_state else
-                                 {"params": m.abstract_params})
-
-  def check_tree(step, saved):
-    if not full_state:
-      saved = {k: v for k, v in saved.items() if k.startswith("params/")}
-    compat.check_matches(saved, wanted, step=step, step_dir=ckpt.step_dir(step),
-                         workdir=workdir, gin_text=gin_text, model_cfg=model_cfg)
-
-  def restore(step):
-    if full_state:
-      state, data_state = ckpt.restore(m.abstract_state, step)
-      params = state["params"]
-    else:
-      state = params = ckpt.restore_params(m.abstract_params, step)
-    if not bool(all_finite(params)):
-      raise CheckpointUnreadable("its parameters hold NaN or infinite values")
-    if data_iter is not None:
-      try:
-        data_iter.set_state(data_state)
-      except Exception as e:
-        raise CheckpointUnreadable(f"its data-iterator state does not apply "
-                                   f"({type(e).__name__}: {e})") from e
-    return state
-
-  return restore_newest_readable(ckpt, check_tree, restore, move_aside=move_aside)
-
-
 def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
           opt_cfg: OptimizerConfig, train_cfg: TrainConfig, mesh_cfg: MeshConfig,
           gin_text: str | None = None) -> dict:
@@ -228,6 +190,15 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
   last_time, last_step = time.perf_counter(), start
   last_good = start if start else None
   final_eval = None
+
+  def diverged(what: str) -> TrainingDiverged:
+    where = (f"the last good checkpoint (step {last_good}) in {ckpt.directory} is kept"
+             if last_good else "no checkpoint had been saved yet")
+    return TrainingDiverged(
+        f"{what}: training stopped; {where}. Lower OptimizerConfig.learning_rate (now "
+        f"{opt_cfg.learning_rate}) or enable OptimizerConfig.clip_norm (now "
+        f"{opt_cfg.clip_norm}).")
+
   bar = tqdm(total=train_cfg.steps, initial=start, desc="train", unit="step",
              disable=not train_cfg.progress_bar or jax.process_index() != 0)
   try:
@@ -244,14 +215,6 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
       # fetched loss is checked before anything is saved.
       fetched = [(s, jax.device_get(mm)) for s, mm in pending]
       pending.clear()
-      def diverged(what: str) -> TrainingDiverged:
-        where = (f"the last good checkpoint (step {last_good}) in {ckpt.directory} is kept"
-                 if last_good else "no checkpoint had been saved yet")
-        return TrainingDiverged(
-            f"{what}: training stopped; {where}. Lower OptimizerConfig.learning_rate (now "
-            f"{opt_cfg.learning_rate}) or enable OptimizerConfig.clip_norm (now "
-            f"{opt_cfg.clip_norm}).")
-
       for s, mm in fetched:
         for key in ("loss", "grad_norm"):
           if not math.isfinite(float(mm[key])):

@@ -10,3 +10,12 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def readme_runs(tmp_path_factory):
+  """The README's commands, run once at tiny size (tests/readme.py)."""
+  from tests.readme import run_readme_commands
+  return run_readme_commands(str(tmp_path_factory.mktemp("readme")))

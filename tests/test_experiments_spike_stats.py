@@ -5,28 +5,24 @@ import os
 
 from tests import cli
 
-SPIKING = ["--gin_file=gin/models/tiny_spikingbrain_7b.gin", "--gin.GLAConfig.head_dim=8",
-           "--gin.GLAConfig.chunk_size=16", "--gin.SlidingWindowConfig.head_dim=8",
-           "--gin.SlidingWindowConfig.window=8", "--gin.STEPS=8",
-           "--gin.TrainConfig.checkpoint_every=8"]
 
-
-def test_spike_stats_of_a_trained_checkpoint(tmp_path):
-  workdir = tmp_path / "w"
-  proc = cli.run(workdir, *SPIKING)
+def test_spike_stats_of_a_trained_checkpoint(readme_runs):
+  # The README's two tiny_spikingbrain_7b commands (train, then spike_stats), run by the
+  # readme_runs fixture: 4 layers alternating GLA (even) and sliding-window attention (odd).
+  proc = readme_runs.group_of("tiny_spiking").proc
   assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = cli.run(workdir, *SPIKING, "--gin.RunConfig.mode=spike_stats")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Spiking statistics of checkpoint step 8" in proc.stdout, proc.stdout
+  assert "Spiking statistics of checkpoint step 1" in proc.stdout, proc.stdout
+  workdir = readme_runs.workdir("tiny_spiking")
   with open(os.path.join(workdir, "spike_stats.csv")) as f:
     rows = list(csv.DictReader(f))
   codings = {r["coding"] for r in rows}
   assert codings == {"binary", "ternary", "sign_magnitude", "twos_complement"}
   ternary = [r for r in rows if r["coding"] == "ternary"]
   layers = {r["layer"] for r in ternary}
-  assert layers == {"layer_0", "layer_1", "all"}
+  assert layers == {"layer_0", "layer_1", "layer_2", "layer_3", "all"}
   sites = {(r["layer"], r["site"]) for r in ternary}
-  assert ("layer_1", "attention_q") in sites and ("layer_0", "attention_q") not in sites
+  assert ("layer_1", "attention_q") in sites and ("layer_3", "attention_q") in sites
+  assert ("layer_0", "attention_q") not in sites and ("layer_2", "attention_q") not in sites
   assert {("layer_0", s) for s in ("mixer_in", "mixer_out", "mlp_in", "mlp_hidden")} <= sites
   for r in rows:
     rate, sparsity = float(r["firing_rate"]), float(r["sparsity"])
@@ -44,8 +40,7 @@ def test_spike_stats_of_a_trained_checkpoint(tmp_path):
 
 
 def test_spike_stats_needs_spiking_enabled(tmp_path):
-  workdir = tmp_path / "w"
-  assert cli.run(workdir, "--gin.STEPS=4", "--gin.TrainConfig.checkpoint_every=4").returncode == 0
-  proc = cli.run(workdir, "--gin.STEPS=4", "--gin.RunConfig.mode=spike_stats")
-  assert proc.returncode == 2
-  assert "SpikeConfig.enabled=False" in proc.stderr, proc.stderr[-2000:]
+  # Refused from the configuration alone, before any checkpoint is looked for.
+  code, _, stderr = cli.run_in_process(tmp_path / "w", "--gin.RunConfig.mode=spike_stats")
+  assert code == 2
+  assert "SpikeConfig.enabled=False" in stderr, stderr[-2000:]

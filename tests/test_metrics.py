@@ -38,3 +38,20 @@ def test_fresh_start_discards_rows_of_a_run_without_checkpoint(tmp_path):
   w.close()
   MetricsWriter(str(tmp_path), (), resume_step=0, tensorboard=False).close()
   assert _rows(tmp_path / "metrics.csv") == []
+
+
+def test_resume_with_other_columns_extends_the_header_and_keeps_every_row(tmp_path):
+  w = MetricsWriter(str(tmp_path), ("ppl_pos_0_8", "ppl_pos_8_16"), tensorboard=False)
+  w.write("train", 10, {"loss": 1.0})
+  w.write("eval", 10, {"eval_loss": 0.5, "ppl_pos_0_8": 1.7, "ppl_pos_8_16": 1.8})
+  w.close()
+  w = MetricsWriter(str(tmp_path), ("ppl_pos_0_16",), resume_step=10, tensorboard=False)
+  w.write("eval", 20, {"eval_loss": 0.4, "ppl_pos_0_16": 1.5})
+  w.close()
+  with open(tmp_path / "metrics.csv", newline="") as f:
+    reader = csv.DictReader(f)
+    rows, header = list(reader), reader.fieldnames
+  assert header[-3:] == ["ppl_pos_0_8", "ppl_pos_8_16", "ppl_pos_0_16"]
+  assert [(r["kind"], r["step"]) for r in rows] == [("train", "10"), ("eval", "10"), ("eval", "20")]
+  assert rows[1]["ppl_pos_8_16"] == "1.8" and rows[1]["ppl_pos_0_16"] == ""
+  assert rows[2]["ppl_pos_0_16"] == "1.5" and rows[2]["ppl_pos_0_8"] == ""

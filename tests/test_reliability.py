@@ -16,7 +16,7 @@ from lctx import data as data_lib
 from lctx.checkpoint import Checkpointer
 from lctx.optim import make_optimizer
 from lctx.state import build
-from lctx.trainer import restore_checkpoint
+from lctx.restore import restore_checkpoint
 from sharding.mesh import make_mesh
 from tests import cli
 

@@ -154,6 +154,6 @@ def test_generate_mode_prints_continuations(trained):
 
 
 def test_generate_without_checkpoint_is_a_clear_error(tmp_path):
-  proc = cli.run(tmp_path, "--gin.RunConfig.mode=generate")
-  assert proc.returncode == 2
-  assert "no checkpoint in" in proc.stderr and "train first" in proc.stderr
+  code, _, stderr = cli.run_in_process(tmp_path, "--gin.RunConfig.mode=generate")
+  assert code == 2
+  assert "no checkpoint in" in stderr and "train first" in stderr
