@@ -14,6 +14,7 @@ import pytest
 from experiments.run import load_configs
 from lctx import data as data_lib
 from lctx.checkpoint import Checkpointer
+from lctx.errors import RunFailure
 from lctx.optim import make_optimizer
 from lctx.state import build
 from lctx.restore import restore_checkpoint
@@ -138,6 +139,16 @@ def test_resume_past_a_corrupt_checkpoint_ends_like_an_uninterrupted_run(trained
   assert ([tuple(r[c] for c in compared) for r in _rows(workdir)]
           == [tuple(r[c] for c in compared) for r in _rows(trained)])
   assert sorted(os.listdir(workdir / "checkpoints")) == ["16", "20", "24"]
+
+
+def test_a_failed_save_is_a_runtime_failure_naming_the_directory(tmp_path, tiny_model):
+  _, m, _ = tiny_model
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  os.rmdir(tmp_path / "checkpoints")
+  (tmp_path / "checkpoints").write_text("not a directory")  # every write under it fails
+  with pytest.raises(RunFailure, match=f"saving the checkpoint of step 3 to "
+                                       f"{tmp_path / 'checkpoints'} failed"):
+    ckpt.save(3, m.init_state(0), {"position": 0})
 
 
 # --- 2. only finite states are saved -------------------------------------------------------------
