@@ -55,15 +55,19 @@ _DROPPED_CALLBACKS = [0]
 def _drop_late_read_callbacks() -> None:
   """When a read fails, tensorstore still completes the other reads orbax issued; their callbacks
   find orbax's event loop closed and report it as unraisable exceptions, one traceback per array
-  (even while the failing call is still unwinding). Those (and only those) are counted and
-  dropped; any other unraisable exception is reported as before."""
+  (even while the failing call is still unwinding), and the abandoned read coroutines report
+  their closing when they are collected. Those (and only those) are counted and dropped; any
+  other unraisable exception is reported as before."""
   previous = sys.unraisablehook
   if getattr(previous, "_lctx", False):
     return
 
   def hook(unraisable):
-    if (isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == "Event loop is closed"):
+    late_callback = (isinstance(unraisable.exc_value, RuntimeError)
+                     and str(unraisable.exc_value) == "Event loop is closed")
+    abandoned_read = (getattr(unraisable.object, "__qualname__", "")
+                      == "_read_array_index_and_device_put")
+    if late_callback or abandoned_read:
       _DROPPED_CALLBACKS[0] += 1
       return
     previous(unraisable)
