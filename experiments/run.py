@@ -126,13 +126,16 @@ def load_configs(gin_files: list[str], bindings: list) -> dict:
   return configs
 
 
+def _in_project(filename: str) -> bool:
+  """Whether `filename` is this repository's own code (not a virtualenv inside it)."""
+  path = os.path.abspath(filename)
+  return path.startswith(REPO_ROOT + os.sep) and os.sep + ".venv" + os.sep not in path
+
+
 def _raised_in_project(exc: BaseException) -> bool:
   """Whether `exc` was raised by this repository's own code (its checks of the user's input)."""
   frames = traceback.extract_tb(exc.__traceback__)
-  if not frames:
-    return False
-  path = os.path.abspath(frames[-1].filename)
-  return path.startswith(REPO_ROOT + os.sep) and os.sep + ".venv" + os.sep not in path
+  return bool(frames) and _in_project(frames[-1].filename)
 
 
 def _runtime_failure(exc: BaseException) -> str:
@@ -140,7 +143,7 @@ def _runtime_failure(exc: BaseException) -> str:
   frames = traceback.extract_tb(exc.__traceback__)
   where = ""
   if frames:
-    ours = [f for f in frames if os.path.abspath(f.filename).startswith(REPO_ROOT + os.sep)]
+    ours = [f for f in frames if _in_project(f.filename)]
     where = f" (raised at {frames[-1].filename}:{frames[-1].lineno}"
     if ours and ours[-1] is not frames[-1]:
       where += f", called from {os.path.relpath(ours[-1].filename, REPO_ROOT)}:{ours[-1].lineno}"

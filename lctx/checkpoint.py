@@ -22,6 +22,7 @@ from typing import Callable
 import jax
 import orbax.checkpoint as ocp
 
+from lctx.compat import tree_signature
 from lctx.errors import RunFailure
 
 log = logging.getLogger("lctx")
@@ -49,15 +50,12 @@ def _reason(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
 
 
-_DROPPED_CALLBACKS = [0]
-
-
 def _drop_late_read_callbacks() -> None:
   """When a read fails, tensorstore still completes the other reads orbax issued; their callbacks
   find orbax's event loop closed and report it as unraisable exceptions, one traceback per array
   (even while the failing call is still unwinding), and the abandoned read coroutines report
-  their closing when they are collected. Those (and only those) are counted and dropped; any
-  other unraisable exception is reported as before."""
+  their closing when they are collected. Those (and only those) are dropped; any other
+  unraisable exception is reported as before."""
   previous = sys.unraisablehook
   if getattr(previous, "_lctx", False):
     return
@@ -67,10 +65,8 @@ def _drop_late_read_callbacks() -> None:
                      and str(unraisable.exc_value) == "Event loop is closed")
     abandoned_read = (getattr(unraisable.object, "__qualname__", "")
                       == "_read_array_index_and_device_put")
-    if late_callback or abandoned_read:
-      _DROPPED_CALLBACKS[0] += 1
-      return
-    previous(unraisable)
+    if not (late_callback or abandoned_read):
+      previous(unraisable)
 
   hook._lctx = True
   sys.unraisablehook = hook
@@ -96,9 +92,6 @@ class Checkpointer:
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
@@ -115,7 +108,6 @@ class Checkpointer:
 
   def tree_signature(self, step: int) -> dict:
     """{path: shape} of the saved train state, from its metadata (no arrays are read)."""
-    from lctx.compat import tree_signature
     try:
       metadata = self._manager.item_metadata(step)["state"]
     except Exception as e:
@@ -183,7 +175,7 @@ def restore_newest_readable(ckpt: Checkpointer, check_tree: Callable[[int, dict]
   step is unreadable, RunFailure lists them all.
   """
   failures = []
-  for step in sorted(ckpt.all_steps(), reverse=True):
+  for step in reversed(ckpt.all_steps()):
     try:
       signature = ckpt.tree_signature(step)
     except CheckpointUnreadable as e:

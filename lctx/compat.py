@@ -26,7 +26,7 @@ def _entry_name(entry) -> str:
 
 
 def tree_signature(tree) -> dict[str, tuple[int, ...]]:
-  """{"params/layers_0/mixer/q/kernel": shape, ...} of every array leaf of `tree`."""
+  """{"params/layer_0/mixer/q": shape, ...} of every array leaf of `tree`."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(_entry_name(e) for e in path): tuple(getattr(leaf, "shape", ()))
           for path, leaf in leaves}
@@ -84,7 +84,7 @@ def config_differences(old_text: str, new_text: str, configurables) -> list[str]
 def _dimension_hints(model_cfg: ModelConfig, path: str, saved, wanted) -> list[str]:
   """Model settings whose value is one of the configured sizes that differ from the checkpoint."""
   if saved is None or wanted is None:
-    return ["ModelConfig.num_layers", "ModelConfig.mixers"] if "layers_" in path else []
+    return ["ModelConfig.num_layers", "ModelConfig.mixers"] if "/layer_" in path else []
   sizes = {w for s, w in zip(saved, wanted) if s != w} if len(saved) == len(wanted) else set(wanted)
   hints = [f"ModelConfig.{f}={getattr(model_cfg, f)}" for f in ("d_model", "d_ff", "vocab_size")
            if getattr(model_cfg, f) in sizes]

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from experiments.run import load_configs
+from lctx import compat
 from lctx import data as data_lib
 from lctx.checkpoint import Checkpointer
 from lctx.errors import RunFailure
@@ -220,6 +221,20 @@ def test_changed_model_is_refused_before_anything_is_written(trained, tmp_path, 
   assert parameter in stderr and setting in stderr and len(stderr.strip().splitlines()) == 1
   assert {name: (workdir / name).read_bytes() for name in before} == before
   assert sorted(os.listdir(workdir / "checkpoints")) == ["16", "20", "24"]
+
+
+def test_without_config_gin_the_hint_comes_from_the_model_dimensions(tmp_path, tiny_model):
+  configs, m, _ = tiny_model
+  wanted = compat.tree_signature({"params": m.abstract_params})
+  fewer = {k: v for k, v in wanted.items() if "/layer_1/" not in k}
+  with pytest.raises(ValueError, match="params/layer_1/.* is in the configured model but not in "
+                                       "the checkpoint; likely ModelConfig.num_layers"):
+    compat.check_matches(fewer, wanted, step=4, step_dir="d", workdir=str(tmp_path),
+                         gin_text=None, model_cfg=configs["model"])
+  wider = dict(wanted, **{"params/embedding": (256, 16)})
+  with pytest.raises(ValueError, match=r"likely ModelConfig.d_model=32"):
+    compat.check_matches(wider, wanted, step=4, step_dir="d", workdir=str(tmp_path),
+                         gin_text=None, model_cfg=configs["model"])
 
 
 # --- 4b. metrics history -------------------------------------------------------------------------
