@@ -2,7 +2,8 @@
 
 The attention itself is `layers.softmax_attention.softmax_attention` (reference, flash XLA or
 Pallas, chosen by `AttentionConfig.impl`), or its sequence-parallel form (ring attention or an
-all-gather of K and V) when the mixer's `sequence_parallel` config and the mesh ask for one.
+all-gather of K and V, layers/softmax_parallel.py) when the mixer's execution plan asks for one;
+sink tokens are merged by logsumexp weights either way.
 Decoding uses its KVCache: one slot per position for full attention, a ring buffer of `window`
 slots for sliding-window layers.
 
@@ -29,7 +30,7 @@ from layers.rope import apply_rope
 from layers.sink_tokens import merge_sink_tokens
 from layers.softmax_attention import KVCache, cached_attention, init_kv_cache, softmax_attention
 from layers.spiking import maybe_quantize_kv, maybe_quantize_weight, spike_input
-from sharding.sequence import SequenceParallelConfig, parallel_softmax_attention
+from layers.softmax_parallel import parallel_softmax_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +133,10 @@ class SoftmaxAttention(Mixer):
     if decode:
       o = self._decode(q, k, v, sinks, sink_kv)
     else:
-      o = parallel_softmax_attention(self.sequence_parallel or SequenceParallelConfig(), q, k, v,
-                                     window=cfg.window, segment_ids=segment_ids_bt, sinks=sinks,
+      o = parallel_softmax_attention(self.plan, q, k, v, window=cfg.window,
+                                     segment_ids=segment_ids_bt, sinks=sinks,
                                      sink_tokens=sink_kv, impl=cfg.impl,
-                                     block_size=cfg.block_size,
-                                     sink_tokens_setting=f"{type(cfg).__name__}.sink_tokens")
+                                     block_size=cfg.block_size)
     # One threshold per token over all heads: the output projection's input is h * d channels.
     o = spike_input(self, o.reshape(*o.shape[:2], -1), "mixer_out", self.spiking).reshape(o.shape)
     w_o = P.param(self, "o", P.dense_init(h * d), (h, d, e), ("heads", "head_dim", "embed"),

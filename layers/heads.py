@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from layers.validation import check_fields
+from sharding.validation import check_fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ class ParallelMixers(Mixer):
       mixer = get_mixer(name)(config=config, d_model=self.d_model, layer_index=self.layer_index,
                               num_layers=self.num_layers, dtype=self.dtype,
                               param_dtype=self.param_dtype,
-                              sequence_parallel=self.sequence_parallel, spiking=self.spiking,
+                              plan=self.plan, spiking=self.spiking,
                               name=name)
       y = mixer(x_bte, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, decode=decode)
       y = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name=f"{name}_norm")(y)

@@ -30,7 +30,7 @@ from layers.linear_attention import linear_attention, linear_attention_step
 from layers.norms import RMSNorm
 from layers.registry import Mixer, register_mixer
 from layers.spiking import maybe_quantize_weight, spike_input
-from sharding.sequence import SequenceParallelConfig, parallel_linear_attention
+from layers.linear_parallel import parallel_linear_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +152,8 @@ class _LinearMixer(Mixer):
   def _mix(self, q, k, v, g, segment_ids_bt, decode):
     cfg = self.config
     if not decode:
-      return parallel_linear_attention(self.sequence_parallel or SequenceParallelConfig(), q, k, v,
-                                       g, segment_ids=segment_ids_bt, impl=cfg.impl,
-                                       chunk_size=cfg.chunk_size)
+      return parallel_linear_attention(self.plan, q, k, v, g, segment_ids=segment_ids_bt,
+                                       impl=cfg.impl, chunk_size=cfg.chunk_size)
     run = lambda **kw: linear_attention(q, k, v, g, segment_ids=segment_ids_bt, impl=cfg.impl,
                                         chunk_size=cfg.chunk_size, **kw)
     b, t, h, dk = q.shape

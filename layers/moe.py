@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from layers import params as P
 from layers.spiking import maybe_quantize_weight, spike_input
-from layers.validation import check_fields
+from sharding.validation import check_fields
 
 _EXPERT_MATRICES = ("gate", "up", "down")
 

@@ -2,15 +2,15 @@
 
 A mixer is a Flax Linen module class with the constructor fields
 `config` (its own frozen config dataclass, default `cls.Config()`), `d_model`, `layer_index`,
-`num_layers` (depth-dependent schedules use both), `dtype`, `param_dtype`, `sequence_parallel`
-(a sharding.sequence.SequenceParallelConfig, or None for single-device ops), `spiking` (a
+`num_layers` (depth-dependent schedules use both), `dtype`, `param_dtype`, `plan` (the model's
+sharding.plan.ExecutionPlan, or None for single-device ops), `spiking` (a
 layers.spiking.SpikeConfig, or None: which projection inputs spike and which weights are INT8
 fake-quantized), and the call signature
 `__call__(x_bte, *, positions_bt, segment_ids_bt, decode=False) -> y_bte`.
 With `decode=True` the mixer keeps whatever it needs for incremental decoding in the Flax
 "cache" collection and treats `positions_bt` as absolute positions of the new tokens; decoding is
-never sequence-parallel. Without decode, the arrays are in the token layout of the sequence-parallel
-config (the model permutes its inputs once; see sharding/layout.py).
+never sequence-parallel. Without decode, the arrays are in the plan's token layout (the model
+permutes its inputs once; see sharding/layout.py).
 """
 
 import importlib
@@ -39,7 +39,7 @@ class Mixer(nn.Module):
   num_layers: int = 1
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  sequence_parallel: Any = None
+  plan: Any = None
   spiking: Any = None
 
 

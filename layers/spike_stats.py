@@ -28,6 +28,11 @@ import numpy as np
 
 from layers import spike_coding
 
+# mixer_in: input of a mixer's q/k/v/gate projections; mixer_out: input of its output projection;
+# mlp_in: input of the FFN's gate/up (and MoE experts); mlp_hidden: input of the FFN down
+# projection; attention_q: the query vectors of softmax attention, after the projection.
+SITES = ("mixer_in", "mixer_out", "mlp_in", "mlp_hidden", "attention_q")
+
 _PREFIX = "spikes_"
 _LAYER = re.compile(r"layer_(\d+)")
 # Summed when merging; "time_steps" (the window length) is combined by max instead.
@@ -174,8 +179,6 @@ def _layer_key(layer: str):
 
 
 def _site_key(site: str):
-  # Imported here because layers.spiking imports this module.
-  from layers.spiking import SITES  # pylint: disable=import-outside-toplevel
   return (SITES.index(site), site) if site in SITES else (len(SITES), site)
 
 

@@ -25,12 +25,9 @@ from jax import lax
 from layers import quant
 from layers import spike_coding
 from layers import spike_stats
-from layers.validation import check_fields
+from layers.spike_stats import SITES
+from sharding.validation import check_fields
 
-# mixer_in: input of a mixer's q/k/v/gate projections; mixer_out: input of its output projection;
-# mlp_in: input of the FFN's gate/up (and MoE experts); mlp_hidden: input of the FFN down
-# projection; attention_q: the query vectors of softmax attention, after the projection.
-SITES = ("mixer_in", "mixer_out", "mlp_in", "mlp_hidden", "attention_q")
 
 
 @dataclasses.dataclass(frozen=True)

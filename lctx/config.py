@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from layers.moe import MoEConfig
 from layers.registry import available_mixers, get_mixer
 from layers.spiking import SpikeConfig
-from layers.validation import check_fields
+from sharding.validation import check_fields
 from lctx.patterns import LayerPattern
 from sharding.sequence import SequenceParallelConfig
 

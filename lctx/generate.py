@@ -11,7 +11,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
-from layers.validation import check_fields
+from sharding.validation import check_fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from layers.moe import MoEFFN
 from layers.norms import RMSNorm
 from layers.registry import get_mixer
 from lctx.config import ModelConfig
-from sharding.sequence import active_layout
+from sharding.plan import ExecutionPlan
 
 
 class Block(nn.Module):
@@ -26,13 +26,14 @@ class Block(nn.Module):
 
   config: ModelConfig
   layer_index: int
+  plan: ExecutionPlan | None = None
 
   @nn.compact
   def __call__(self, x_bte, positions_bt, segment_ids_bt, decode: bool = False):
     cfg, i = self.config, self.layer_index
     dt, pdt = cfg.compute_dtype, cfg.storage_dtype
     common = dict(d_model=cfg.d_model, layer_index=i, num_layers=cfg.num_layers, dtype=dt,
-                  param_dtype=pdt, sequence_parallel=cfg.sequence_parallel, spiking=cfg.spiking,
+                  param_dtype=pdt, plan=self.plan, spiking=cfg.spiking,
                   name="mixer")
     parts = cfg.layer_mixers()[i].split("+")
     if len(parts) == 1:
@@ -65,12 +66,14 @@ class DecoderLM(nn.Module):
     segment_ids_bt: document ids of a packed row (0 = padding); None means one document per row.
     decode: incremental decoding with the "cache" collection (positions are absolute).
 
-  Sequence parallelism (ModelConfig.sequence_parallel, inside a mesh with a `seq` axis > 1):
-  with the zigzag layout the tokens, positions and segment ids are permuted into layout order once
-  here and the logits permuted back, so callers always see natural order.
+  Sequence parallelism comes with the execution plan (sharding/plan.py; `lctx.state.build` makes
+  it from ModelConfig.sequence_parallel and the mesh): with the zigzag layout the tokens, positions
+  and segment ids are permuted into layout order once here and the logits permuted back, so
+  callers always see natural order. Without a plan every op runs its single-device form.
   """
 
   config: ModelConfig
+  plan: ExecutionPlan | None = None
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, decode: bool = False):
@@ -79,7 +82,7 @@ class DecoderLM(nn.Module):
     b, t = tokens_bt.shape
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    layout = None if decode else active_layout(cfg.sequence_parallel)
+    layout = None if decode or self.plan is None else self.plan.layout
     if layout is not None:
       layout.check_length(t, what="ModelConfig: the input length")
       tokens_bt, positions_bt = layout.to_layout(tokens_bt), layout.to_layout(positions_bt)
@@ -91,7 +94,7 @@ class DecoderLM(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
     for i in range(cfg.num_layers):
-      x = block(cfg, i, name=f"layer_{i}")(x, positions_bt, segment_ids_bt, decode)
+      x = block(cfg, i, self.plan, name=f"layer_{i}")(x, positions_bt, segment_ids_bt, decode)
     x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
     if cfg.tie_embeddings:
       logits = jnp.einsum("bte,ve->btv", x, embedding.astype(dt)) * cfg.d_model ** -0.5

@@ -4,7 +4,7 @@ import dataclasses
 
 import jax
 import optax
-from layers.validation import check_fields
+from sharding.validation import check_fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ in parallel on the same input and sums their normalized outputs (layers/hybrid.p
 import dataclasses
 import math
 
-from layers.validation import check_fields
+from sharding.validation import check_fields
 
 KINDS = ("uniform", "alternating", "every_n", "middle", "list")
 

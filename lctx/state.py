@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec
 from lctx.config import ModelConfig
 from lctx.model import DecoderLM
 from sharding.rules import LOGICAL_AXIS_RULES, batch_sharding, logical_shardings
-from sharding.sequence import SequenceParallelConfig
+from sharding.plan import make_plan
 
 
 @dataclasses.dataclass
@@ -89,10 +89,10 @@ def check_divisible(abstract_boxed_params, shardings, mesh: jax.sharding.Mesh) -
 
 
 def build(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, tx) -> ModelOnMesh:
-  model = DecoderLM(model_cfg)
-  # Parameters do not depend on sequence parallelism; initializing without it lets a 2-token
+  model = DecoderLM(model_cfg, make_plan(model_cfg.sequence_parallel, mesh))
+  # Parameters do not depend on the execution plan; initializing without one lets a 2-token
   # dummy input stand in for any sequence length.
-  init_model = DecoderLM(dataclasses.replace(model_cfg, sequence_parallel=SequenceParallelConfig()))
+  init_model = DecoderLM(model_cfg)
 
   def init_boxed(rng):
     params = init_model.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]

@@ -22,7 +22,7 @@ from lctx.steps import all_finite, make_eval_step, make_train_step
 from lctx.workdir import WorkdirLock
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.sequence import required_length_multiple
-from layers.validation import check_fields
+from sharding.validation import check_fields
 
 log = logging.getLogger("lctx")
 

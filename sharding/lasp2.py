@@ -1,6 +1,11 @@
-"""LASP-2 sequence-parallel (gated) linear attention: one all-gather of the piece states.
+"""LASP-2's communication: one all-gather over `seq`, and the gated prefix combine of the states.
 
-Each rank summarizes each of its pieces (sharding.linear_shard) by the memory state
+`all_gather_seq` is the one all-gather pattern of LASP-2 and LASP-2H: the linear layers gather the
+piece summaries with it, the softmax layers of a hybrid their chunk-major [K; V]
+(layers/softmax_parallel.py); autodiff transposes it into a reduce-scatter.
+
+`prefix_combine` is the linear layers' schedule (layers/linear_parallel.py calls it with the
+summaries it computed). Each rank summarizes each of its pieces by the memory state
 M_c = sum_t exp(B_L - B_t) k_t^T v_t (from zero, after the piece's last segment reset) and the
 transition D_c = exp(B_L) (per d_k or scalar; 1 without a gate; 0 where the state resets in the
 piece or at its first token). ONE `lax.all_gather` over `seq` of the packed [M_c | D_c] of every
@@ -23,18 +28,30 @@ dM, dD: the same volume as the forward, one collective. An `initial_state` adds 
 of its state cotangent.
 """
 
-import functools
-
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from sharding import specs
-from sharding.linear_shard import sequence_parallel
 
 
-def _combine(m, decay, h0, rank, *, layout):
-  """All-gather the piece summaries, prefix-combine in global chunk order, keep the local S_in."""
+def all_gather_seq(x, axis: int):
+  """Concatenates every rank's `x` along `axis` in rank order (inside a shard_map over `seq`)."""
+  return lax.all_gather(x, specs.SEQ_AXIS, axis=axis, tiled=True)
+
+
+def prefix_combine(m, decay, h0, rank, *, layout):
+  """All-gathers the piece summaries and prefix-combines them in global chunk order.
+
+  Args:
+    m: [b, n, h, dk, dv] memory states of this rank's n pieces (float32).
+    decay: [b, n, h, dk or 1] their transitions.
+    h0: [b, h, dk, dv] state entering global chunk 0, or None (zeros).
+    rank: this rank's index on `seq` (lax.axis_index).
+    layout: the sharding.layout.SeqLayout of the pieces.
+  Returns:
+    (S_in [b, n, h, dk, dv] entering this rank's pieces, the state after the last chunk).
+  """
   b, n, h, dk, dv = m.shape
   packed = jnp.concatenate([m.reshape(b, n, h, dk * dv), decay], axis=-1)
   gathered = lax.all_gather(packed, specs.SEQ_AXIS)          # [P, b, n, h, dk*dv + d_g]
@@ -47,26 +64,3 @@ def _combine(m, decay, h0, rank, *, layout):
     state = summary[..., dk * dv:, None] * state + summary[..., :dk * dv].reshape(b, h, dk, dv)
   s_in = jnp.take(jnp.stack(entering, axis=1), layout.local_chunk_ids(rank), axis=1)
   return s_in, state
-
-
-def lasp2_linear_attention(q, k, v, g=None, *, layout, scale: float | None = None,
-                           initial_state=None, output_final_state: bool = False,
-                           segment_ids=None, impl: str = "auto", chunk_size: int = 64,
-                           mesh=None):
-  """Sequence-parallel `layers.linear_attention.linear_attention` by LASP-2.
-
-  Args:
-    q, k, v, g, scale, initial_state, output_final_state, segment_ids, impl, chunk_size: as in
-      linear_attention; q, k, v, [b,t,h(,d_k)] gates and segment ids are GLOBAL arrays in
-      `layout` order along the length axis.
-    layout: sharding.layout.SeqLayout; layout.shards must equal the mesh's seq size and the
-      length must split into layout.num_chunks pieces of whole chunk_size chunks.
-    mesh: a mesh with a `seq` axis; default the mesh of the surrounding `jax.set_mesh`.
-  Returns:
-    o [b, t, h, d_v] in layout order, or (o, final_state [b, h, d_k, d_v] float32).
-  """
-  return sequence_parallel(functools.partial(_combine, layout=layout), q, k, v, g, layout=layout,
-                           scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state, segment_ids=segment_ids,
-                           impl=impl, chunk_size=chunk_size, mesh=mesh,
-                           what="lasp2_linear_attention")

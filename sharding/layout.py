@@ -17,7 +17,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from layers.validation import check_fields
+from sharding.validation import check_fields
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -97,3 +97,26 @@ class SeqLayout:
     c = local_len // self.chunks_per_shard
     ids = self.local_chunk_ids(rank)
     return (ids[:, None] * c + jnp.arange(c, dtype=jnp.int32)[None, :]).reshape(-1)
+
+
+def chunk_start_flags(segment_ids, layout: SeqLayout):
+  """bool [b, num_chunks] in layout order: the chunk's first token starts a new segment.
+
+  `segment_ids` [b, t] are GLOBAL and in layout order. Chunk c > 0 starts a segment when its first
+  id differs from the last id of chunk c - 1 (natural order); chunk 0 never does (an initial
+  state enters its first segment). Computed outside the shard_map, since chunk c - 1 may live on
+  another rank.
+  """
+  b, t = segment_ids.shape
+  n = layout.num_chunks
+  order = layout.chunk_table().reshape(-1)      # layout position -> global chunk id
+  position = np.argsort(order)                  # global chunk id -> layout position
+  pieces = segment_ids.reshape(b, n, t // n)
+  previous_last = pieces[:, position[np.maximum(order - 1, 0)], -1]
+  return (pieces[:, :, 0] != previous_last) & jnp.asarray(order > 0)[None]
+
+
+def final_owner(layout: SeqLayout) -> tuple[int, int]:
+  """(rank, local piece) holding the last global chunk, where a recurrence's final state forms."""
+  rank, piece = np.argwhere(layout.chunk_table() == layout.num_chunks - 1)[0]
+  return int(rank), int(piece)

@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from layers.validation import check_fields
+from sharding.validation import check_fields
 from sharding.rules import MESH_AXES
 
 

@@ -1,4 +1,4 @@
-"""Choosing a sequence-parallel method per layer type, and running it.
+"""Choosing a sequence-parallel method per layer type.
 
 `SequenceParallelConfig.method` picks a preset for a whole (hybrid) model:
   none   no sequence-parallel algorithm: a `seq` mesh axis > 1 is left to XLA's automatic
@@ -10,30 +10,18 @@
 every layer (sharding/layout.py): "zigzag" balances causal attention; LASP-2 and ZeCO work with it
 too, so a hybrid model uses one layout throughout.
 
-The mixers call `parallel_softmax_attention` / `parallel_linear_attention`. They run inside the
-mesh context of the train/eval step (jax.set_mesh); with no mesh, or a `seq` axis of size 1, the
-single-device op runs instead. Every choice is logged on "lctx.sharding" (at trace time), so a
-run's log and a test's `caplog` say which method ran.
+lctx turns this config and the mesh into the model's ExecutionPlan (sharding/plan.py), which the
+mixers pass to `layers.softmax_parallel.parallel_softmax_attention` /
+`layers.linear_parallel.parallel_linear_attention`; with a `seq` axis of size 1 the single-device
+ops run. Every choice is logged on "lctx.sharding", so a run's log and a test's `caplog` say which
+method ran.
 """
 
 import dataclasses
 import math
-import logging
 
-import jax
-
-from layers.linear_attention import linear_attention
-from layers.sink_tokens import sink_token_attention
-from layers.softmax_attention import softmax_attention
-from layers.validation import check_fields
-from sharding import specs
-from sharding.allgather_attention import allgather_attention
-from sharding.lasp2 import lasp2_linear_attention
 from sharding.layout import LAYOUTS, SeqLayout
-from sharding.ring_attention import ring_attention
-from sharding.zeco import zeco_linear_attention
-
-log = logging.getLogger("lctx.sharding")
+from sharding.validation import check_fields
 
 METHODS = ("none", "ring", "lasp2", "zeco")
 SOFTMAX_METHODS = ("ring", "allgather")
@@ -89,70 +77,6 @@ class SequenceParallelConfig:
 
   def layout_for(self, shards: int) -> SeqLayout:
     return SeqLayout(self.layout, shards)
-
-
-def active_layout(sp: SequenceParallelConfig) -> SeqLayout | None:
-  """The layout sequence-parallel layers use in the current mesh context, or None when off.
-
-  Off means: no method chosen, no mesh in context, or a `seq` axis of size 1.
-  """
-  if not sp.enabled:
-    return None
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or specs.SEQ_AXIS not in mesh.axis_names:
-    log.info("no mesh with a 'seq' axis in context: SequenceParallelConfig.method=%r runs the "
-             "single-device ops", sp.method)
-    return None
-  shards = specs.seq_degree(mesh)
-  if shards == 1:
-    log.info("MeshConfig.seq=1: SequenceParallelConfig.method=%r runs the single-device ops",
-             sp.method)
-    return None
-  return sp.layout_for(shards)
-
-
-def parallel_softmax_attention(sp: SequenceParallelConfig, q, k, v, *, window=None,
-                               segment_ids=None, sinks=None, sink_tokens=None, impl="auto",
-                               block_size=None, sink_tokens_setting="sink_tokens"):
-  """Causal softmax attention of a layer, sequence-parallel when `sp` and the mesh say so.
-
-  Arrays are in the active layout's order (the model permutes its inputs once). `sink_tokens` is
-  None or a pair (sink keys, sink values) [n, kv_heads, d] of learnable tokens every query sees;
-  they are single-device only, and an error names `sink_tokens_setting` otherwise.
-  """
-  layout = active_layout(sp)
-  method = sp.softmax_method
-  if layout is None or method is None:
-    if sink_tokens is not None:
-      return sink_token_attention(q, k, v, *sink_tokens, window=window, segment_ids=segment_ids,
-                                  sinks=sinks, impl=impl, block_size=block_size)
-    return softmax_attention(q, k, v, window=window, segment_ids=segment_ids, sinks=sinks,
-                             impl=impl, block_size=block_size)
-  if sink_tokens is not None:
-    raise ValueError(f"{sink_tokens_setting}={sink_tokens[0].shape[0]} is not supported "
-                     f"with sequence-parallel softmax attention ("
-                     f"{method!r}); set sink_tokens=0 or SequenceParallelConfig.method='none'")
-  log.info("softmax attention: sequence-parallel %s over %d ranks, %s layout", method,
-           layout.shards, layout.kind)
-  fn = ring_attention if method == "ring" else allgather_attention
-  return fn(q, k, v, layout=layout, window=window, segment_ids=segment_ids, sinks=sinks,
-            block_size=block_size)
-
-
-def parallel_linear_attention(sp: SequenceParallelConfig, q, k, v, g=None, *, segment_ids=None,
-                              impl="auto", chunk_size=64):
-  """(Gated) linear attention of a layer, sequence-parallel when `sp` and the mesh say so."""
-  layout = active_layout(sp)
-  method = sp.linear_method
-  if layout is None or method is None:
-    return linear_attention(q, k, v, g, segment_ids=segment_ids, impl=impl,
-                            chunk_size=chunk_size)
-  log.info("linear attention: sequence-parallel %s over %d ranks, %s layout", method,
-           layout.shards, layout.kind)
-  kwargs = dict(layout=layout, segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)
-  if method == "zeco":
-    return zeco_linear_attention(q, k, v, g, scan_blocks=sp.scan_blocks, **kwargs)
-  return lasp2_linear_attention(q, k, v, g, **kwargs)
 
 
 def required_length_multiple(sp: SequenceParallelConfig, shards: int, chunk_sizes) -> int:

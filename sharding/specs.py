@@ -6,7 +6,6 @@ sharding.mesh have all four axes; a mesh with fewer (a test's ("seq",) mesh) is 
 axes are left out of the specs.
 """
 
-import jax
 from jax.sharding import PartitionSpec as P
 
 SEQ_AXIS = "seq"
@@ -14,13 +13,12 @@ BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 
 
-def resolve_mesh(mesh=None):
-  """`mesh`, or the mesh of the surrounding `jax.set_mesh`; it must have a `seq` axis."""
-  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  if mesh is None or mesh.empty or SEQ_AXIS not in mesh.axis_names:
-    raise ValueError("sequence parallelism needs a mesh with a 'seq' axis: pass mesh= or call "
-                     "inside jax.set_mesh(mesh) (MeshConfig.seq sets its size)")
-  return mesh
+def check_seq_mesh(mesh, what: str) -> None:
+  """ValueError unless `mesh` is a mesh with a `seq` axis (it is always passed explicitly: no op
+  looks up an ambient mesh)."""
+  if mesh is None or getattr(mesh, "empty", True) or SEQ_AXIS not in mesh.axis_names:
+    raise ValueError(f"{what}: sequence parallelism needs a mesh with a 'seq' axis, got "
+                     f"mesh={mesh!r} (pass mesh=; MeshConfig.seq sets its size)")
 
 
 def seq_degree(mesh) -> int:

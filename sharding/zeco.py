@@ -1,6 +1,7 @@
-"""ZeCO sequence-parallel (gated) linear attention: the pipelined All-Scan of piece states.
+"""ZeCO's communication: the pipelined All-Scan of the linear layers' piece states.
 
-Each rank summarizes each of its pieces (sharding.linear_shard) by its state from zero M and its
+`all_scan_combine` is the schedule; layers/linear_parallel.py calls it with the summaries it
+computed. Each rank summarizes each of its pieces by its state from zero M and its
 transition D (exp of the piece's cumulative log-gate, per d_k or scalar, 1 without a gate, 0 where
 the state resets in the piece or at its first token). The state entering global chunk c obeys
   S_in(0) = initial_state (or 0),   S_in(c+1) = D_c * S_in(c) + M_c,
@@ -31,14 +32,12 @@ step, which is exactly the reverse scan of the state cotangents: again one state
 leg. An `initial_state` adds one all-reduce of its state cotangent.
 """
 
-import functools
-
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from sharding import specs
-from sharding.linear_shard import final_owner, sequence_parallel
+from sharding.layout import final_owner
 
 
 def scan_block_count(scan_blocks: int, dk: int) -> int:
@@ -77,9 +76,10 @@ def _local_turns(layout) -> np.ndarray:
   return table[:, 1] == table[:, 0] + 1
 
 
-def _combine(m, decay, h0, rank, *, layout, scan_blocks):
-  """All-Scan of the piece states; returns this rank's S_in [b, n, h, dk, dv] and its OUT of the
-  piece position that holds the last global chunk on its owner (the final state there)."""
+def all_scan_combine(m, decay, h0, rank, *, layout, scan_blocks: int):
+  """All-Scan of the piece states (arguments as in sharding.lasp2.prefix_combine); returns this
+  rank's S_in [b, n, h, dk, dv] and its OUT of the piece position that holds the last global
+  chunk on its owner (the final state there; `final_owner` says which rank's is meant)."""
   b, n, h, dk, dv = m.shape
   blocks = scan_block_count(scan_blocks, dk)
   kb = dk // blocks
@@ -123,31 +123,3 @@ def _combine(m, decay, h0, rank, *, layout, scan_blocks):
     s_in = s_in.at[:, 1].set(jnp.where(turn, after_first, s_in[:, 1]))
   j = final_owner(layout)[1]
   return s_in, decay[:, j, :, :, None] * s_in[:, j] + m[:, j]
-
-
-def zeco_linear_attention(q, k, v, g=None, *, layout, scale: float | None = None,
-                          initial_state=None, output_final_state: bool = False, segment_ids=None,
-                          impl: str = "auto", chunk_size: int = 64, scan_blocks: int = 4,
-                          mesh=None):
-  """Sequence-parallel `layers.linear_attention.linear_attention` by ZeCO's All-Scan.
-
-  Args:
-    q, k, v, g, scale, initial_state, output_final_state, segment_ids, impl, chunk_size: as in
-      linear_attention; q, k, v, [b,t,h(,d_k)] gates and segment ids are GLOBAL arrays in
-      `layout` order along the length axis.
-    layout: sharding.layout.SeqLayout; contiguous gives the minimal volume, zigzag is correct
-      with one state per neighbour. layout.shards must equal the mesh's seq size.
-    scan_blocks: K, the number of pipelined blocks along d_k; clamped to the largest divisor of
-      d_k that is <= scan_blocks.
-    mesh: a mesh with a `seq` axis; default the mesh of the surrounding `jax.set_mesh`.
-  Returns:
-    o [b, t, h, d_v] in layout order, or (o, final_state [b, h, d_k, d_v] float32).
-  """
-  if scan_blocks < 1:
-    raise ValueError(f"zeco_linear_attention: scan_blocks={scan_blocks} "
-                     "(SequenceParallelConfig.scan_blocks) must be >= 1")
-  combine = functools.partial(_combine, layout=layout, scan_blocks=scan_blocks)
-  return sequence_parallel(combine, q, k, v, g, layout=layout, scale=scale,
-                           initial_state=initial_state, output_final_state=output_final_state,
-                           segment_ids=segment_ids, impl=impl, chunk_size=chunk_size, mesh=mesh,
-                           what="zeco_linear_attention")

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from sharding import hlo_collectives as hc
+from experiments import hlo_collectives as hc
 from tests.multidevice import ROOT
 
 _HLO = """HloModule m
@@ -55,7 +55,7 @@ def test_audit_tiny(tmp_path):
   out = str(tmp_path / "audit")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-m", "sharding.audit", "--seq_len", "256", "--heads", "2",
+  proc = subprocess.run([sys.executable, "-m", "experiments.audit", "--seq_len", "256", "--heads", "2",
                          "--kv_heads", "2", "--head_dim", "16", "--shards", "4", "--chunk_size",
                          "16", "--repeats", "1", "--out", out], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)

@@ -16,9 +16,8 @@ HARNESS = """
 import re
 import jax, jax.numpy as jnp, numpy as np
 from layers.linear_attention import linear_attention
-from sharding.lasp2 import lasp2_linear_attention
+from layers.linear_parallel import lasp2_linear_attention, zeco_linear_attention
 from sharding.layout import SeqLayout
-from sharding.zeco import zeco_linear_attention
 
 METHODS = {"lasp2": lasp2_linear_attention, "zeco": zeco_linear_attention}
 
@@ -72,7 +71,7 @@ def check(name, method, kind, mesh, *, b=2, h=4, hk=2, dk=5, dv=7, gate="vector"
     out = METHODS[method](lay(a["q"]), lay(a["k"]), lay(a["v"]), lay(a.get("g")),
                           layout=layout, initial_state=a.get("h0"), output_final_state=final,
                           segment_ids=lay(seg_ids), chunk_size=16, impl=impl,
-                          mesh=None if set_mesh else mesh, **extra)
+                          mesh=mesh, **extra)
     return (layout.from_layout(out[0], 1), out[1]) if final else layout.from_layout(out, 1)
 
   def ref(a):

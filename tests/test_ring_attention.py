@@ -12,21 +12,17 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from layers.kernels.attention_reference import softmax_attention_reference  # noqa: F401 (imports
-# the layers package before the sharding modules, which depend on it)
-from sharding.allgather_attention import allgather_attention
+from layers.softmax_parallel import allgather_attention, ring_attention
 from sharding.layout import SeqLayout
-from sharding.ring_attention import ring_attention
 from tests.multidevice import run_with_devices
 
 _HELPERS = """
 import jax, jax.numpy as jnp, numpy as np
 from layers.kernels.attention_reference import softmax_attention_reference
 from layers.softmax_attention import softmax_attention
-from sharding import hlo_collectives as hc
-from sharding.allgather_attention import allgather_attention
+from experiments import hlo_collectives as hc
+from layers.softmax_parallel import allgather_attention, ring_attention
 from sharding.layout import SeqLayout
-from sharding.ring_attention import ring_attention
 
 def make_mesh(shape, axes):
   n = int(np.prod(shape))
@@ -63,7 +59,7 @@ def case(p, kind, t, *, b=1, h=4, hk=2, d=5, window=None, seg=False, sinks=False
     def attend(q, k, v, s):
       lo = lay.to_layout
       o = fn(lo(q), lo(k), lo(v), layout=lay, window=window, sinks=s, block_size=block,
-             segment_ids=None if sid is None else lo(sid), mesh=None if set_mesh else mesh)
+             segment_ids=None if sid is None else lo(sid), mesh=mesh)
       return lay.from_layout(o)
     if set_mesh:
       with jax.set_mesh(mesh):
@@ -152,9 +148,9 @@ def test_errors_name_the_settings():
   x = jnp.ones((1, 30, 2, 4))
   for fn in (ring_attention, allgather_attention):
     with pytest.raises(ValueError, match=r"not divisible by 8.*layout='zigzag'.*MeshConfig.seq=4"):
-      fn(x, x, x, layout=SeqLayout("zigzag", 4))
+      fn(x, x, x, layout=SeqLayout("zigzag", 4), mesh=None)
     with pytest.raises(ValueError, match=r"not divisible by 4.*MeshConfig.seq=4"):
-      fn(x, x, x, layout=SeqLayout("contiguous", 4))
+      fn(x, x, x, layout=SeqLayout("contiguous", 4), mesh=None)
     mesh = jax.make_mesh((1,), ("seq",), devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,))
     y = jnp.ones((1, 32, 2, 4))
@@ -164,4 +160,4 @@ def test_errors_name_the_settings():
       fn(y, y[:, :, :1].repeat(3, 2), y[:, :, :1].repeat(3, 2),
          layout=SeqLayout("contiguous", 1), mesh=mesh)
     with pytest.raises(ValueError, match="sequence parallelism needs a mesh"):
-      fn(y, y, y, layout=SeqLayout("contiguous", 2))
+      fn(y, y, y, layout=SeqLayout("contiguous", 2), mesh=None)

@@ -1,11 +1,11 @@
-"""layers/validation.py: field types of config dataclasses."""
+"""sharding/validation.py: field types of config dataclasses."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 
-from layers.validation import check_fields
+from sharding.validation import check_fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from layers.validation import check_fields
+from sharding.validation import check_fields
 
 SOURCES = ("stdlib", "text", "jsonl", "parquet")
 USER_SOURCES = ("text", "jsonl", "parquet")

@@ -1,5 +1,5 @@
-"""Blockwise causal attention between layout chunks: the local work of the sequence-parallel
-softmax ops (sharding/ring_attention.py, sharding/allgather_attention.py).
+"""Blockwise causal attention between layout chunks: the block step of the sequence-parallel
+softmax ops (layers/softmax_parallel.py: ring attention and LASP-2H).
 
 Inside jax.shard_map a rank holds `layout.chunks_per_shard` query chunks of `chunk` tokens each;
 the keys it attends to come in chunks of the same length (one shard per ring step, or all of them
@@ -35,7 +35,6 @@ import numpy as np
 from jax import lax
 
 from layers.kernels import flash_common as fc
-from layers.softmax_attention import validate_arguments
 from sharding import specs
 from sharding.layout import SeqLayout
 
@@ -64,33 +63,6 @@ class Tiles:
   @property
   def kv_len(self) -> int | None:
     return self.chunk if self.k_pad != self.chunk else None
-
-
-def prepare(what, q, k, v, *, layout, scale, window, segment_ids, sinks, mesh, block_size):
-  """Validates a call; returns (Tiles, mesh, scale). Raises ValueErrors naming the settings."""
-  validate_arguments(q, k, v, scale, True, window, segment_ids, sinks, block_size)
-  if not isinstance(layout, SeqLayout):
-    raise ValueError(f"{what}: layout must be a sharding.layout.SeqLayout, got {layout!r}")
-  b, t, h, _ = q.shape
-  layout.check_length(t, what=f"{what}: sequence length")
-  mesh = specs.resolve_mesh(mesh)
-  if layout.shards != specs.seq_degree(mesh):
-    raise ValueError(f"{what}: SeqLayout.shards={layout.shards} must equal the mesh's 'seq' size "
-                     f"MeshConfig.seq={specs.seq_degree(mesh)}")
-  specs.check_divisible(mesh, batch=b, heads=h, kv_heads=k.shape[2], what=what)
-  chunk = t // layout.num_chunks
-  block_q, block_k = fc.resolve_blocks(block_size, chunk, DEFAULT_BLOCK)
-  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  window = None if window is None else int(window)
-  return Tiles(layout, window, chunk, block_q, block_k, h // k.shape[2]), mesh, scale
-
-
-def run_sharded(mesh, local_fn, q, k, v, segment_ids, sinks):
-  """jax.shard_map of local_fn(q, k, v, segment_ids, sinks) with the activation specs."""
-  hs = specs.heads_spec(mesh)
-  fn = jax.shard_map(local_fn, mesh=mesh, out_specs=hs,
-                     in_specs=(hs, hs, hs, specs.tokens_spec(mesh), specs.per_head_spec(mesh)))
-  return fn(q, k, v, segment_ids, sinks)
 
 
 def vary(tree, axes):

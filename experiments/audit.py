@@ -1,13 +1,13 @@
 """Audit of the sequence-parallel methods: collective bytes, per-device memory and step time.
 
-  python -m sharding.audit [--batch 1 --heads 4 --kv_heads 4 --head_dim 64 --seq_len 16384
+  python -m experiments.audit [--batch 1 --heads 4 --kv_heads 4 --head_dim 64 --seq_len 16384
                             --shards 8 --methods ring,lasp2h,lasp2,zeco --out audit]
 
 For one layer's attention op of each method (ring and LASP-2H for softmax layers, LASP-2 and ZeCO
 for GLA-gated linear layers), at global length T over P fake CPU devices, it compiles
   forward       o = op(q, k, v[, g])
   forward+bwd   the gradients of <o, cotangent> with respect to every input
-and reads from the optimized HLO the bytes every rank sends (sharding/hlo_collectives.py); the
+and reads from the optimized HLO the bytes every rank sends (experiments/hlo_collectives.py); the
 backward's bytes are (forward+bwd) - (forward). Next to them, the formulas (x element size):
   ring     forward 2(P-1)/P B Hk T d            (K and V pass every other rank once)
            backward 2(2P-3)/P B Hk T d          (dK, dV accumulators: P-1 sends ending at
@@ -47,12 +47,11 @@ from jax.sharding import NamedSharding  # noqa: E402
 from experiments.benchmarking import print_table, time_ms, write_csv  # noqa: E402
 from layers.linear_attention import linear_attention  # noqa: E402
 from layers.softmax_attention import softmax_attention  # noqa: E402
-from sharding import hlo_collectives, specs  # noqa: E402
-from sharding.allgather_attention import allgather_attention  # noqa: E402
-from sharding.lasp2 import lasp2_linear_attention  # noqa: E402
+from experiments import hlo_collectives
+from sharding import specs  # noqa: E402
+from layers.linear_parallel import lasp2_linear_attention, zeco_linear_attention  # noqa: E402
+from layers.softmax_parallel import allgather_attention, ring_attention  # noqa: E402
 from sharding.layout import SeqLayout  # noqa: E402
-from sharding.ring_attention import ring_attention  # noqa: E402
-from sharding.zeco import zeco_linear_attention  # noqa: E402
 
 METHODS = ("ring", "lasp2h", "lasp2", "zeco")
 SOFTMAX = {"ring": ring_attention, "lasp2h": allgather_attention}
@@ -170,7 +169,7 @@ def unsharded(a, linear: bool, device) -> dict:
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="python -m sharding.audit", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m experiments.audit", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--heads", type=int, default=4)

@@ -1,4 +1,4 @@
-"""Per-shard pieces shared by the sequence-parallel linear-attention methods (LASP-2 and ZeCO).
+"""Sequence-parallel (gated) linear attention: LASP-2 and ZeCO on the chunk summaries of a shard.
 
 Both methods take GLOBAL arrays in layout order (sharding.layout) and run one `jax.shard_map`
 over the mesh: batch over the data-parallel axes, length over `seq`, heads over `tensor`
@@ -18,10 +18,15 @@ S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t:
               reset (zero after it); out = o_intra + o_inter.
 
 S_in, the global state entering the piece (initial_state for global chunk 0), is what the methods
-communicate: they only supply `combine(m, decay, h0, rank) -> (s_in, final)`. Whether a piece's
+communicate, by the schedules of sharding/: `combine(m, decay, h0, rank) -> (s_in, final)` is
+`sharding.lasp2.prefix_combine` (one all-gather of [M | D], then the gated prefix combine) or
+`sharding.zeco.all_scan_combine` (the pipelined All-Scan, one state per rank). Whether a piece's
 first token starts a new document depends on the last token of the previous global chunk, which
-lives on another rank: `chunk_start_flags` computes it outside the shard_map from the global
-segment ids and the flags enter sharded in layout order, one per piece.
+lives on another rank: `sharding.layout.chunk_start_flags` computes it outside the shard_map from
+the global segment ids and the flags enter sharded in layout order, one per piece.
+
+`parallel_linear_attention(plan, ...)` is what the mixers call: the plan's method, or the
+single-device op when the plan has none for linear layers.
 
 States are kept per query head (GQA repeats k and v for M; the intra op repeats them itself), in
 float32. A sequence-replicated `initial_state` enters every shard; the shard_map transpose sums
@@ -31,38 +36,20 @@ Pallas) are not written for varying-axis types; the methods' collectives are exp
 """
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from layers.linear_attention import check_arguments, kernel_log_gate, linear_attention, repeat_kv
-from sharding import specs
+from sharding import lasp2, specs, zeco
+from sharding.layout import chunk_start_flags, final_owner
+from sharding.plan import ExecutionPlan
 
 F32 = jnp.float32
-
-
-def chunk_start_flags(segment_ids, layout):
-  """bool [b, num_chunks] in layout order: the chunk's first token starts a new segment.
-
-  Chunk c > 0 starts a segment when its first id differs from the last id of chunk c - 1 (natural
-  order); chunk 0 never does (the initial state enters its first segment).
-  """
-  b, t = segment_ids.shape
-  n = layout.num_chunks
-  order = layout.chunk_table().reshape(-1)      # layout position -> global chunk id
-  position = np.argsort(order)                  # global chunk id -> layout position
-  pieces = segment_ids.reshape(b, n, t // n)
-  previous_last = pieces[:, position[np.maximum(order - 1, 0)], -1]
-  return (pieces[:, :, 0] != previous_last) & jnp.asarray(order > 0)[None]
-
-
-def final_owner(layout) -> tuple[int, int]:
-  """(rank, local piece) holding the last global chunk, where the final state is formed."""
-  rank, piece = np.argwhere(layout.chunk_table() == layout.num_chunks - 1)[0]
-  return int(rank), int(piece)
+log = logging.getLogger("lctx.sharding")
 
 
 def piece_masks(seg, flags):
@@ -135,7 +122,7 @@ def _gate_spec(g, mesh):
 def check_inputs(q, k, v, g, *, layout, initial_state, segment_ids, chunk_size, mesh, what):
   """linear_attention's checks plus the mesh and layout ones; returns the resolved mesh."""
   check_arguments(q, k, v, g, initial_state, segment_ids, chunk_size)
-  mesh = specs.resolve_mesh(mesh)
+  specs.check_seq_mesh(mesh, what)
   if layout.shards != specs.seq_degree(mesh):
     raise ValueError(f"{what}: layout.shards={layout.shards} must equal the mesh's seq size "
                      f"{specs.seq_degree(mesh)} (MeshConfig.seq)")
@@ -174,3 +161,60 @@ def sequence_parallel(combine, q, k, v, g, *, layout, scale, initial_state, outp
     return out
   o, finals = out
   return o, finals[final_owner(layout)[0]]
+
+
+def lasp2_linear_attention(q, k, v, g=None, *, layout, mesh, scale: float | None = None,
+                           initial_state=None, output_final_state: bool = False,
+                           segment_ids=None, impl: str = "auto", chunk_size: int = 64):
+  """Sequence-parallel `layers.linear_attention.linear_attention` by LASP-2.
+
+  Args:
+    q, k, v, g, scale, initial_state, output_final_state, segment_ids, impl, chunk_size: as in
+      linear_attention; q, k, v, [b,t,h(,d_k)] gates and segment ids are GLOBAL arrays in
+      `layout` order along the length axis.
+    layout: sharding.layout.SeqLayout; layout.shards must equal the mesh's seq size and the
+      length must split into layout.num_chunks pieces of whole chunk_size chunks.
+    mesh: a mesh with a `seq` axis.
+  Returns:
+    o [b, t, h, d_v] in layout order, or (o, final_state [b, h, d_k, d_v] float32).
+  """
+  return sequence_parallel(functools.partial(lasp2.prefix_combine, layout=layout), q, k, v, g,
+                           layout=layout, scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, segment_ids=segment_ids,
+                           impl=impl, chunk_size=chunk_size, mesh=mesh,
+                           what="lasp2_linear_attention")
+
+
+def zeco_linear_attention(q, k, v, g=None, *, layout, mesh, scale: float | None = None,
+                          initial_state=None, output_final_state: bool = False, segment_ids=None,
+                          impl: str = "auto", chunk_size: int = 64, scan_blocks: int = 4):
+  """Sequence-parallel `layers.linear_attention.linear_attention` by ZeCO's All-Scan.
+
+  Arguments as in `lasp2_linear_attention`, plus scan_blocks: K, the number of pipelined blocks
+  along d_k (clamped to the largest divisor of d_k that is <= scan_blocks). The contiguous layout
+  gives the minimal volume; zigzag is correct with one state per neighbour.
+  """
+  if scan_blocks < 1:
+    raise ValueError(f"zeco_linear_attention: scan_blocks={scan_blocks} "
+                     "(SequenceParallelConfig.scan_blocks) must be >= 1")
+  combine = functools.partial(zeco.all_scan_combine, layout=layout, scan_blocks=scan_blocks)
+  return sequence_parallel(combine, q, k, v, g, layout=layout, scale=scale,
+                           initial_state=initial_state, output_final_state=output_final_state,
+                           segment_ids=segment_ids, impl=impl, chunk_size=chunk_size, mesh=mesh,
+                           what="zeco_linear_attention")
+
+
+def parallel_linear_attention(plan: ExecutionPlan | None, q, k, v, g=None, *, segment_ids=None,
+                              impl="auto", chunk_size=64):
+  """(Gated) linear attention of a layer, sequence-parallel when the plan says so."""
+  method = None if plan is None else plan.linear_method
+  if method is None:
+    return linear_attention(q, k, v, g, segment_ids=segment_ids, impl=impl,
+                            chunk_size=chunk_size)
+  log.info("linear attention: sequence-parallel %s over %d ranks, %s layout", method,
+           plan.layout.shards, plan.layout.kind)
+  kwargs = dict(layout=plan.layout, mesh=plan.mesh, segment_ids=segment_ids, impl=impl,
+                chunk_size=chunk_size)
+  if method == "zeco":
+    return zeco_linear_attention(q, k, v, g, scan_blocks=plan.scan_blocks, **kwargs)
+  return lasp2_linear_attention(q, k, v, g, **kwargs)
