@@ -36,7 +36,7 @@ COLUMNS = ["coding", "layer", "site", "module", "firing_rate", "sparsity", "spik
 
 def checkpoint_statistics(m, params, batches, spiking) -> list[dict]:
   """Summary rows (layers/spike_stats.summarize) of `params` over `batches` under `spiking`."""
-  model = m.model.replace(config=dataclasses.replace(m.model.config, spiking=spiking))
+  model = m.model.clone(config=dataclasses.replace(m.model.config, spiking=spiking))
 
   def forward(params, batch):
     _, collections = model.apply({"params": params}, batch["tokens"], batch["positions"],

@@ -17,6 +17,13 @@ S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t:
   inter       o_inter_t = scale (q_t * exp(B_t)) S_in for the tokens before the piece's first
               reset (zero after it); out = o_intra + o_inter.
 
+B_t is never formed as one cumulative sum over the piece: over 8K tokens of log-gates near -10
+it reaches -80000, where float32 keeps about three decimals and B_L - B_t would lose the decays
+of the last tokens. Both exponents are split at the kernel's chunks (`piece_log_decays`):
+B_L - B_t = (sum of the later chunks' totals) + (the chunk's total - its local cumsum at t) and
+B_t = (sum of the earlier chunks' totals) + (its local cumsum at t), so no difference of large
+numbers is ever taken and the cancellation is bounded by one chunk.
+
 S_in, the global state entering the piece (initial_state for global chunk 0), is what the methods
 communicate, by the schedules of sharding/: `combine(m, decay, h0, rank) -> (s_in, final)` is
 `sharding.lasp2.prefix_combine` (one all-gather of [M | D], then the gated prefix combine) or
@@ -60,27 +67,49 @@ def piece_masks(seg, flags):
   return run == 0, run == run[:, -1:], run[:, -1] > 0
 
 
-def memory_state(k, v, cum, after):
+def piece_log_decays(gk, chunk: int):
+  """Chunk-local forms of a piece's cumulative log-gates (see the module docstring).
+
+  Args:
+    gk: [r, c, h, dk or 1] log-gates of r pieces of c tokens (c a multiple of `chunk`).
+    chunk: the chunk length the cumulative sums are taken within.
+  Returns:
+    (to_end [r, c, h, .] = B_L - B_t, from_start [r, c, h, .] = B_t, total [r, h, .] = B_L).
+  """
+  r, c = gk.shape[:2]
+  x = gk.reshape((r, c // chunk, chunk) + gk.shape[2:])
+  local = jnp.cumsum(x, axis=2)                            # within each chunk
+  totals = local[:, :, -1]                                 # [r, n, h, .]
+  zero = jnp.zeros_like(totals[:, :1])
+  before = jnp.concatenate([zero, jnp.cumsum(totals, axis=1)[:, :-1]], axis=1)
+  after = jnp.concatenate([jnp.cumsum(totals[:, ::-1], axis=1)[:, ::-1][:, 1:], zero], axis=1)
+  to_end = after[:, :, None] + (totals[:, :, None] - local)
+  from_start = before[:, :, None] + local
+  flat = lambda y: y.reshape(gk.shape)
+  return flat(to_end), flat(from_start), jnp.sum(totals, axis=1)
+
+
+def memory_state(k, v, to_end, after):
   """M [r, h, dk, dv] = sum_t exp(B_L - B_t) k_t^T v_t over the tokens after the last reset."""
   k = k.astype(F32)
-  if cum is not None:
-    k = k * jnp.exp(cum[:, -1:] - cum)
+  if to_end is not None:
+    k = k * jnp.exp(to_end)
   if after is not None:
     k = k * after[:, :, None, None]
   return jnp.einsum("rthk,rthv->rhkv", k, v.astype(F32))
 
 
-def transition(cum, reset, rows: int, heads: int):
+def transition(total, reset, rows: int, heads: int):
   """D [r, h, dk or 1] = exp(B_L), zero where the piece resets."""
-  decay = jnp.ones((rows, heads, 1), F32) if cum is None else jnp.exp(cum[:, -1])
+  decay = jnp.ones((rows, heads, 1), F32) if total is None else jnp.exp(total)
   return decay if reset is None else jnp.where(reset[:, None, None], 0.0, decay)
 
 
-def inter_output(q, cum, before, s_in, scale: float):
+def inter_output(q, from_start, before, s_in, scale: float):
   """o_inter [r, c, h, dv] = scale (q_t * exp(B_t)) S_in before the piece's first reset."""
   q = q.astype(F32)
-  if cum is not None:
-    q = q * jnp.exp(cum)
+  if from_start is not None:
+    q = q * jnp.exp(from_start)
   if before is not None:
     q = q * before[:, :, None, None]
   return scale * jnp.einsum("rthk,rhkv->rthv", q, s_in)
@@ -94,20 +123,22 @@ def _shard_body(args, *, combine, layout, scale, impl, chunk_size, with_final):
   rows, c = b * n, tl // n
   pieces = lambda x: x.reshape((rows, c) + x.shape[2:])
   gk = kernel_log_gate(g, b, tl, h)
-  cum = None if gk is None else jnp.cumsum(pieces(gk), axis=1)
+  to_end = from_start = total = None
+  if gk is not None:
+    to_end, from_start, total = piece_log_decays(pieces(gk), chunk_size)
   before = after = reset = None
   if seg is not None:
     before, after, reset = piece_masks(pieces(seg), flags.reshape(rows))
   # Local summaries first, then the communication, so the intra compute can overlap it.
-  m = memory_state(pieces(repeat_kv(k, h)), pieces(repeat_kv(v, h)), cum, after)
-  decay = transition(cum, reset, rows, h)
+  m = memory_state(pieces(repeat_kv(k, h)), pieces(repeat_kv(v, h)), to_end, after)
+  decay = transition(total, reset, rows, h)
   s_in, final = combine(m.reshape((b, n) + m.shape[1:]), decay.reshape((b, n) + decay.shape[1:]),
                         h0, lax.axis_index(specs.SEQ_AXIS))
   o_intra = linear_attention(pieces(q), pieces(k), pieces(v),
                              g if g is None or g.ndim == 1 else pieces(g), scale=scale,
                              segment_ids=None if seg is None else pieces(seg), impl=impl,
                              chunk_size=chunk_size)
-  o_inter = inter_output(pieces(q), cum, before, s_in.reshape((rows,) + s_in.shape[2:]), scale)
+  o_inter = inter_output(pieces(q), from_start, before, s_in.reshape((rows,) + s_in.shape[2:]), scale)
   o = (o_intra.astype(F32) + o_inter).reshape(b, tl, h, -1).astype(q.dtype)
   return (o, final[None]) if with_final else o
 

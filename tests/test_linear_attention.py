@@ -119,3 +119,14 @@ def test_bad_arguments_name_the_setting(change, message):
   kwargs = dict(q=q, k=k, v=v, g=g) | change
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
     linear_attention(**kwargs)
+
+
+def test_auto_avoids_kernels_that_cannot_lower_and_pallas_names_why(caplog):
+  from layers.kernels import dispatch
+  with caplog.at_level(logging.INFO, logger="lctx.kernels"):
+    assert dispatch.resolve_impl("linear_attention", "auto", backend="gpu") == "xla"
+    assert dispatch.resolve_impl("linear_attention", "auto", backend="tpu") == "pallas"
+    assert dispatch.resolve_impl("softmax_attention", "auto", backend="gpu") == "pallas"
+  assert "linear_attention: impl=auto -> xla on gpu because the chunked GLA Pallas" in caplog.text
+  with pytest.raises(ValueError, match="impl='pallas' cannot run on gpu: the chunked GLA"):
+    dispatch.resolve_impl("linear_attention", "pallas", backend="gpu")

@@ -218,3 +218,40 @@ def test_pallas_rejects_bad_interpret():
   q = jnp.zeros((1, 8, 2, 4))
   with pytest.raises(ValueError, match="interpret="):
     gla_pallas(q, q, q, scale=1.0, interpret="yes")
+
+
+def _export_gla(platform, gate, t=32768, d=128):
+  """Exports the GLA Pallas kernel's forward+backward for `platform` (bf16, T = 32K, d = 128)."""
+  from jax import export
+  b, h = 1, 1
+  x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  g = None if gate is None else jax.ShapeDtypeStruct((b, t, h, 1 if gate == "scalar" else d),
+                                                     jnp.float32)
+  loss = lambda q, k, v, g: jnp.sum(gla_pallas(q, k, v, g, scale=0.1, interpret=False)[0]
+                                    .astype(jnp.float32))
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  return export.export(fn, platforms=[platform], disabled_checks=checks)(x, x, x, g)
+
+
+@pytest.fixture
+def tpu_chip(monkeypatch):
+  """Mosaic asks for the chip's properties; pretend this CPU is a TPU v5p."""
+  from jax._src.pallas.mosaic import tpu_info
+  monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda: (
+      tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1)))
+
+
+@pytest.mark.parametrize("gate", [None, "scalar", "vector"])
+def test_gla_kernel_lowers_for_tpu_and_not_for_gpu(tpu_chip, gate):
+  # What layers/kernels/dispatch.CANNOT_LOWER records: TPU lowers every gate form (so `auto` may
+  # pick the kernel there); GPU lowers none with the pinned JAX (so `auto` runs xla on GPU). If a
+  # JAX upgrade makes the GPU export pass, this test fails and the table must be revisited.
+  from layers.kernels import dispatch
+  import re
+  text = _export_gla("tpu", gate).mlir_module()
+  kernels = set(re.findall(r"gla_(state_update|chunk_out|state_grad|chunk_bwd)", text))
+  assert kernels == {"state_update", "chunk_out", "state_grad", "chunk_bwd"}, kernels
+  assert ("linear_attention", "gpu") in dispatch.CANNOT_LOWER
+  with pytest.raises((NotImplementedError, ValueError)):
+    _export_gla("cuda", gate)

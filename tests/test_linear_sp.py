@@ -3,7 +3,7 @@
 Every case runs the method on layout-order inputs and compares the output, the final state and
 all gradients (q, k, v, g, initial state) with the token-by-token reference on natural-order
 inputs (relative error <= 1e-5 in float32). The cases rotate through the gate forms (none, [h],
-[b,t,h] incl. log-gates down to -10, [b,t,h,d_k]), odd head dims, GQA, initial states, segment
+[b,t,h] and [b,t,h,d_k] incl. log-gates down to -10 over 8K tokens per rank), odd head dims, GQA, initial states, segment
 ids whose documents cross shard boundaries (also exactly at a shard start), P in {2, 4, 8}, both
 layouts, composed meshes and the xla, pallas (interpreted) and reference intra kernels. The
 compiled forward and gradient HLO show the communication: ZeCO sends one state per rank and leg
@@ -37,6 +37,8 @@ def make_gate(form, rng, b, t, h, dk):
     return -np.linspace(0.05, 1.0, h)
   if form == "strong":
     return -10.0 * rng.uniform(size=(b, t, h))
+  if form == "strong_vector":
+    return -10.0 * rng.uniform(size=(b, t, h, dk))
   x = rng.normal(size=(b, t, h) if form == "scalar" else (b, t, h, dk))
   return log_sigmoid(x) / 16 if form == "gla" else log_sigmoid(2.0 * x)
 
@@ -55,9 +57,9 @@ def make_segments(b, t, p):
 
 
 def check(name, method, kind, mesh, *, b=2, h=4, hk=2, dk=5, dv=7, gate="vector", h0=True,
-          seg=True, final=True, scan_blocks=4, set_mesh=False, impl="auto"):
+          seg=True, final=True, scan_blocks=4, set_mesh=False, impl="auto", per_rank=32):
   p = mesh.shape["seq"]
-  t, layout = 32 * p, SeqLayout(kind, p)
+  t, layout = per_rank * p, SeqLayout(kind, p)
   rng = np.random.default_rng(len(name))
   normal = lambda *shape: rng.normal(size=shape)
   args = {"q": normal(b, t, h, dk), "k": normal(b, t, hk, dk), "v": normal(b, t, hk, dv),
@@ -122,8 +124,12 @@ check("lasp2-c8-scalar-noseg", "lasp2", "contiguous", m8, gate="scalar", seg=Fal
 check("lasp2-z8-gla", "lasp2", "zigzag", m8, gate="gla", dk=8, final=False)
 check("lasp2-dst-zigzag-vector", "lasp2", "zigzag",
       mesh_of((2, 2, 2), ("data", "seq", "tensor")), set_mesh=True)
+# 8K tokens per rank with log-gates down to -10 per token: summed over a whole piece they reach
+# about -40000, where float32 keeps ~3 decimals, so the piece summaries must stay chunk-local.
+check("lasp2-c2-strong-8k", "lasp2", "contiguous", m2, gate="strong", b=1, h=2, hk=1, dk=4,
+      dv=3, per_rank=8192)
 """)
-  assert out.count("ok ") == 7, out
+  assert out.count("ok ") == 8, out
 
 
 def test_zeco_matches_reference():
@@ -140,8 +146,10 @@ check("zeco-ds-fixed", "zeco", "contiguous", mesh_of((2, 4), ("data", "seq")), g
       dk=8, set_mesh=True)
 check("zeco-dst-zigzag-vector", "zeco", "zigzag", mesh_of((2, 2, 2), ("data", "seq", "tensor")),
       dk=8, dv=3)
+check("zeco-z2-strong-vector-8k", "zeco", "zigzag", m2, gate="strong_vector", b=1, h=2, hk=1,
+      dk=4, dv=3, per_rank=8192)
 """)
-  assert out.count("ok ") == 8, out
+  assert out.count("ok ") == 9, out
 
 
 def test_communication_volume_and_errors():

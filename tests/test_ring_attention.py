@@ -1,9 +1,10 @@
 """Ring attention and LASP-2H (all-gather) attention against the dense single-device oracle.
 
 The multi-device cases run in subprocesses with 8 fake CPU devices (tests/multidevice.py); each
-case checks both methods' output and dq, dk, dv (and dsinks) on natural-order inputs converted to
-and from the layout. Also checked: the collectives of each method and ring attention's compiled
-per-device memory against single-device attention.
+case checks both methods' output and dq, dk, dv (and dsinks; with lse=True also the returned
+logsumexp and its gradient) on natural-order inputs converted to and from the layout. Also
+checked: the collectives of each method and ring attention's compiled per-device memory against
+single-device attention.
 """
 
 import textwrap
@@ -34,12 +35,13 @@ def rel_err(a, b):
   return np.abs(a - b).max() / np.abs(b).max()
 
 def case(p, kind, t, *, b=1, h=4, hk=2, d=5, window=None, seg=False, sinks=False, block=None,
-         shape=None, axes=("seq",), set_mesh=False):
+         shape=None, axes=("seq",), set_mesh=False, lse=False):
   mesh = make_mesh(shape or (p,), axes)
   lay = SeqLayout(kind, p)
   rng = np.random.default_rng(t + p)
   q, k, v, w = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32)
                 for n in (h, hk, hk, h))
+  w_lse = jnp.asarray(rng.normal(size=(b, t, h)), jnp.float32)
   s = jnp.asarray(rng.normal(size=(h,)), jnp.float32) if sinks else None
   sid = None
   if seg:  # documents that straddle shard and chunk boundaries
@@ -48,25 +50,28 @@ def case(p, kind, t, *, b=1, h=4, hk=2, d=5, window=None, seg=False, sinks=False
   argnums = (0, 1, 2, 3) if sinks else (0, 1, 2)
 
   def grads(attend):
-    def loss(q, k, v, s):
+    def loss(q, k, v, s):  # with lse: the loss reads the logsumexp too, so its gradient counts
       o = attend(q, k, v, s)
+      if lse:
+        return jnp.sum(o[0] * w) + jnp.sum(o[1] * w_lse), o
       return jnp.sum(o * w), o
     return jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))(q, k, v, s)
 
   (_, o_ref), g_ref = grads(lambda q, k, v, s: softmax_attention_reference(
-      q, k, v, window=window, segment_ids=sid, sinks=s))
+      q, k, v, window=window, segment_ids=sid, sinks=s, return_lse=lse))
   for fn in (ring_attention, allgather_attention):
     def attend(q, k, v, s):
       lo = lay.to_layout
       o = fn(lo(q), lo(k), lo(v), layout=lay, window=window, sinks=s, block_size=block,
-             segment_ids=None if sid is None else lo(sid), mesh=mesh)
-      return lay.from_layout(o)
+             segment_ids=None if sid is None else lo(sid), mesh=mesh, return_lse=lse)
+      return jax.tree.map(lay.from_layout, o)
     if set_mesh:
       with jax.set_mesh(mesh):
         (_, o), g = grads(attend)
     else:
       (_, o), g = grads(attend)
-    errs = [rel_err(o, o_ref)] + [rel_err(x, y) for x, y in zip(g, g_ref)]
+    pairs = zip(jax.tree.leaves((o, g)), jax.tree.leaves((o_ref, g_ref)))
+    errs = [rel_err(x, y) for x, y in pairs]
     assert max(errs) <= 1e-5, (fn.__name__, p, kind, t, window, errs)
   print("ok", p, kind, t, window)
 """
@@ -82,7 +87,7 @@ def test_matches_reference_on_seq_meshes():
     case(2, "zigzag", 40, d=7, block=4, window=6, seg=True)  # window < shard, 10 % 4 != 0
     case(4, "contiguous", 48, block=5, window=30, sinks=True)  # window over 3 shards
     case(4, "zigzag", 64, block=6, seg=True, sinks=True)
-    case(4, "zigzag", 48, block=4, window=9, seg=True, sinks=True)  # +1 and -1 chains
+    case(4, "zigzag", 48, block=4, window=9, seg=True, sinks=True, lse=True)  # +1, -1 chains
     case(8, "contiguous", 64, block=3, window=5, seg=True)
     case(8, "zigzag", 128, window=20, seg=True, sinks=True)
     case(8, "zigzag", 64, d=7, block=3, sinks=True)
@@ -94,8 +99,8 @@ def test_composed_meshes_and_collective_counts():
   out = _run("""
     case(2, "zigzag", 32, b=2, window=7, seg=True, sinks=True, shape=(2, 2, 2),
          axes=("data", "seq", "tensor"))
-    case(4, "contiguous", 64, b=2, seg=True, sinks=True, shape=(2, 4), axes=("data", "seq"),
-         set_mesh=True)
+    case(4, "contiguous", 64, b=2, seg=True, shape=(2, 4), axes=("data", "seq"),
+         set_mesh=True, lse=True)
 
     def count(fn, p, kind, t, window, kinds, backward=False):
       mesh, lay = make_mesh((p,), ("seq",)), SeqLayout(kind, p)

@@ -287,3 +287,40 @@ def test_bad_arguments_raise_with_the_argument_named():
   with pytest.raises(ValueError, match=r"sink_k has 1 kv heads but k has 2"):
     cached_sink_token_attention(init_kv_cache(B, 8, HK, d), q, k, v, sink_k[:, :1],
                                 sink_v[:, :1])
+
+
+def test_an_empty_row_has_lse_minus_inf_and_no_weight_in_the_sink_merge():
+  # Rows that see no key: the flash state's finalize, the dense oracle (a fully masked row) and
+  # the tile backward all agree on lse = -inf, and the sink merge gives that row's sequence part
+  # exactly zero weight: the merged row is the sink tokens' attention alone, gradients included.
+  from layers.kernels import flash_common as fc
+  from layers.kernels.attention_reference import dot_product_attention
+  out, lse = fc.finalize(fc.init_state((2,), 4))
+  assert np.all(np.asarray(out) == 0) and np.all(np.asarray(lse) == -np.inf)
+  rng = np.random.default_rng(3)
+  b, t, h, hk, d, n = 1, 3, 2, 1, 4, 2
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, x, d)), jnp.float32) for x in (h, hk, hk))
+  sk, sv = (jnp.asarray(rng.normal(size=(n, hk, d)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray([[True, False, False], [False, False, False], [True, True, True]])[None, None]
+  o_seq, lse_seq = dot_product_attention(q, k, v, mask, None, None, True)
+  assert np.all(np.asarray(lse_seq[0, 1]) == -np.inf) and np.all(np.isfinite(lse_seq[0, ::2]))
+  row = q[0, 1:2, 0]  # [1, d]: the empty row of head 0 as a one-row tile
+  p, ds = fc.backward_block(row, k[0, :, 0], v[0, :, 0], row, lse_seq[0, 1:2, :1],
+                            jnp.ones((1, 1)), mask[0, 0, 1:2], 1.0)
+  assert np.all(np.asarray(p) == 0) and np.all(np.asarray(ds) == 0)
+
+  def merged(q, sk, sv):
+    o, lse = dot_product_attention(q, k, v, mask, None, None, True)
+    return merge_sink_tokens(o, lse, q, sk, sv, scale=None)
+
+  def sinks_only(q, sk, sv):  # the sink tokens as the only keys of every row
+    keys = jnp.broadcast_to(sk[None], (b, n, hk, d))
+    vals = jnp.broadcast_to(sv[None], (b, n, hk, d))
+    return dot_product_attention(q, keys, vals, jnp.ones((1, 1, t, n), bool))
+
+  w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32).at[:, ::2].set(0.0)
+  value_and_grads = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * w),
+                                                         argnums=(0, 1, 2)))(q, sk, sv)
+  got, want = value_and_grads(merged), value_and_grads(sinks_only)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)

@@ -23,8 +23,8 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float | None
     return_lse: also return the logsumexp of each row's visible scaled logits and its sink.
   Returns:
     [b, t, h, d] in q's dtype. Rows with no visible key return zeros. With return_lse a pair
-    (that, lse [b, t, h] float32); a row with no visible key and no sink has an lse near the
-    float32 minimum, so it carries no weight when merged with other logsumexp-weighted parts.
+    (that, lse [b, t, h] float32); a row with no visible key and no sink has lse = -inf (the
+    logsumexp of nothing), so it carries exactly no weight when merged by logsumexp weights.
   """
   b, t, h, d = q_bthd.shape
   kh = k_bskd.shape[2]
@@ -46,6 +46,8 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float | None
   if not return_lse:
     return out
   lse = jax.nn.logsumexp(logits, axis=-1)  # [b, k, g, t]
+  if sinks_h is None:
+    lse = jnp.where(jnp.any(mask, axis=-1), lse, -jnp.inf)
   return out, lse.transpose(0, 3, 1, 2).reshape(b, t, h)
 
 

@@ -4,6 +4,10 @@
 on GPU and TPU, the chunked pure-JAX path on CPU (Pallas only runs interpreted there, which is
 orders of magnitude slower). Every choice is logged with the family name, so a run's log and a
 test's `caplog` both say which implementation ran.
+
+`CANNOT_LOWER` lists the (family, backend) pairs whose Pallas kernel does not lower with the
+pinned JAX (tests/test_linear_chunked.py exports the kernels for cuda and tpu and fails when this
+table goes stale): there `auto` runs xla and logs why, and impl="pallas" is an error naming it.
 """
 
 import logging
@@ -13,6 +17,12 @@ import jax
 IMPLS = ("reference", "xla", "pallas", "auto")
 
 log = logging.getLogger("lctx.kernels")
+
+CANNOT_LOWER = {
+    ("linear_attention", "gpu"): (
+        "the chunked GLA Pallas kernel does not lower for GPU with JAX 0.10.2 (Mosaic GPU: "
+        "dot_general under warpgroup semantics, GMEM strides, slices of untiled arrays)"),
+}
 
 
 def resolve_impl(family: str, impl: str, backend: str | None = None) -> str:
@@ -27,8 +37,14 @@ def resolve_impl(family: str, impl: str, backend: str | None = None) -> str:
     raise ValueError(f"{family}: impl={impl!r} is not one of {IMPLS}")
   backend = backend or jax.default_backend()
   chosen = impl
+  why = CANNOT_LOWER.get((family, backend))
+  if impl == "pallas" and why:
+    raise ValueError(f"{family}: impl='pallas' cannot run on {backend}: {why}; use impl='xla' "
+                     "or 'auto'")
   if impl == "auto":
-    chosen = "xla" if backend == "cpu" else "pallas"
+    chosen = "xla" if backend == "cpu" or why else "pallas"
+    if why:
+      log.warning("%s: impl=auto -> xla on %s because %s", family, backend, why)
   mode = " (interpret mode)" if chosen == "pallas" and backend == "cpu" else ""
   log.info("%s: impl=%s -> %s on %s%s", family, impl, chosen, backend, mode)
   return chosen

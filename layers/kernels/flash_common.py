@@ -105,13 +105,16 @@ def online_update(state, q, k, v, mask, scale: float):
 
 
 def finalize(state):
-  """Returns (out float32 [..., rows, d], lse [..., rows, 1]); rows that saw nothing give 0."""
+  """Returns (out float32 [..., rows, d], lse [..., rows, 1]).
+
+  A row that saw no key (and has no sink) gives out 0 and lse = -inf: the logsumexp of an empty
+  set, so that merging it with other parts by logsumexp weights gives it exactly zero weight.
+  """
   m, l, acc = state
   empty = l == 0.0
   safe_l = jnp.where(empty, 1.0, l)
   out = acc / safe_l
-  # An empty row's lse is +big so that exp(s - lse) is 0 in the backward pass.
-  lse = jnp.where(empty, -NEG_INF, m + jnp.log(safe_l))
+  lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe_l))
   return out, lse
 
 
@@ -126,7 +129,8 @@ def backward_block(q, k, v, do, lse, delta, mask, scale: float):
   The contributions are dq += scale * ds @ k, dk += scale * ds^T @ q, dv += p^T @ do.
   """
   s = _scaled(dot_nt(q, k), scale)
-  p = jnp.exp(s - lse)
+  # An empty row (lse = -inf) has no probability anywhere: exp(s - inf) = 0, never inf * 0.
+  p = jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse))
   if mask is not None:
     p = jnp.where(mask, p, 0.0)
   dp = dot_nt(do, v)

@@ -79,12 +79,13 @@ def _fit_to_target(target: str | None, bq: int, bk: int, d: int) -> tuple[int, i
   return bq, bk, d
 
 
-def _compiler_params(target: str | None):
+def _compiler_params(target: str | None, head_dim: int):
   # Every grid axis is independent (no accumulation across programs), so all may run in
   # parallel. On GPU the Triton backend: resident K / V are read from global memory tile by
-  # tile, which Mosaic GPU's shared-memory blocks could not hold.
+  # tile, which Mosaic GPU's shared-memory blocks could not hold. Warps and stages as JAX's own
+  # Triton flash attention sets them (4 warps up to head_dim 64, else 8; 2 stages).
   if target == "gpu":
-    return pltriton.CompilerParams()
+    return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
   if target == "tpu":
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
   return None
@@ -204,7 +205,7 @@ def _forward(st: _Static, q, k, v, q_seg, k_seg, sinks3):
       in_specs=in_specs,
       out_specs=(q_spec, row_spec),
       interpret=st.interpret,
-      compiler_params=_compiler_params(st.target),
+      compiler_params=_compiler_params(st.target, d),
       name="flash_attention_fwd",
   )(*args)
 
@@ -286,7 +287,7 @@ def _backward(st: _Static, q, k, v, q_seg, k_seg, out, lse, dout, dlse=None):
       + (_seg_specs(st, False, True, tq, tk) if st.has_seg else []),
       out_specs=q_blk,
       interpret=st.interpret,
-      compiler_params=_compiler_params(st.target),
+      compiler_params=_compiler_params(st.target, d),
       name="flash_attention_dq",
   )(q, k, v, dout, lse, delta, *seg_args)
 
@@ -302,7 +303,7 @@ def _backward(st: _Static, q, k, v, q_seg, k_seg, out, lse, dout, dlse=None):
       + (_seg_specs(st, True, False, tq, tk) if st.has_seg else []),
       out_specs=(kv_blk, kv_blk),
       interpret=st.interpret,
-      compiler_params=_compiler_params(st.target),
+      compiler_params=_compiler_params(st.target, d),
       name="flash_attention_dkv",
   )(q, k, v, dout, lse, delta, *seg_args)
   return dq, dk, dv, delta
