@@ -274,3 +274,38 @@ def test_bad_arguments_raise_with_the_setting_named():
     AttentionConfig(impl="fast")
   with pytest.raises(ValueError, match=r"cache key shape .* does not fit new keys"):
     cached_attention(init_kv_cache(1, 8, 3, 4), q, k, v)
+
+
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
+def test_flash_kernels_export_for_cuda_and_tpu_at_32k(monkeypatch, target):
+  """Every variant's forward+backward exports at T = 32K, bf16, head_dim 64 / 96 / 128.
+
+  Export runs the lowering only: later compiler passes (TPU VMEM fitting among them) still need
+  the device, so this proves the kernels are accepted, not that they fit.
+  """
+  from jax import export
+  monkeypatch.setattr(flash_pallas, "_target", lambda interpret: target)
+  if target == "tpu":
+    from jax._src.pallas.mosaic import tpu_info
+    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda: (
+        tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1)))
+  t, platform = 32768, {"gpu": "cuda", "tpu": "tpu"}[target]
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  kernel = "xla.gpu.triton" if target == "gpu" else "tpu_custom_call"
+  for d in (64, 96, 128):
+    for variant in ("causal", "window", "segments", "sinks", "gqa"):
+      h, hk = (4, 2) if variant == "gqa" else (2, 2)
+      q = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
+      kv = jax.ShapeDtypeStruct((1, t, hk, d), jnp.bfloat16)
+      seg = jax.ShapeDtypeStruct((1, t), jnp.int32) if variant == "segments" else None
+      sinks = jax.ShapeDtypeStruct((h,), jnp.float32) if variant == "sinks" else None
+
+      def loss(q, k, v, seg, sinks, window=4096 if variant == "window" else None):
+        out = flash_pallas.flash_attention_pallas(q, k, v, scale=0.1, window=window,
+                                                  segment_ids=seg, sinks=sinks, interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+
+      fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+      text = export.export(fn, platforms=[platform], disabled_checks=checks)(
+          q, kv, kv, seg, sinks).mlir_module()
+      assert text.count(kernel) == 3, (d, variant, text.count(kernel))
