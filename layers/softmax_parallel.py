@@ -176,11 +176,16 @@ def _ring(st, scale, with_lse, q, k, v, seg, sinks_hg):
   return _outputs(st, *_ring_forward(st, scale, q, k, v, seg, sinks_hg), q.dtype, with_lse)
 
 
+def _primal_and_output(st: ab.Tiles, finalized, dtype, with_lse: bool):
+  """(the custom_vjp's primal output, the unblocked attention output the backward saves)."""
+  res = _outputs(st, *finalized, dtype, with_lse)
+  return res, (res[0] if with_lse else res)
+
+
 def _ring_fwd(st, scale, with_lse, q, k, v, seg, sinks_hg):
-  out, lse = _ring_forward(st, scale, q, k, v, seg, sinks_hg)
-  res = _outputs(st, out, lse, q.dtype, with_lse)
-  unblocked = res[0] if with_lse else res
-  return res, (q, k, v, seg, sinks_hg, unblocked, lse)
+  finalized = _ring_forward(st, scale, q, k, v, seg, sinks_hg)
+  res, out = _primal_and_output(st, finalized, q.dtype, with_lse)
+  return res, (q, k, v, seg, sinks_hg, out, finalized[1])
 
 
 def _ring_bwd(st, scale, with_lse, res, cotangent):
@@ -261,10 +266,9 @@ def _gathered(st, scale, with_lse, q, kv, seg, k_seg, sinks_hg):
 
 
 def _gathered_fwd(st, scale, with_lse, q, kv, seg, k_seg, sinks_hg):
-  out, lse = _gathered_forward(st, scale, q, kv, seg, k_seg, sinks_hg)
-  res = _outputs(st, out, lse, q.dtype, with_lse)
-  unblocked = res[0] if with_lse else res
-  return res, (q, kv, seg, k_seg, sinks_hg, unblocked, lse)
+  finalized = _gathered_forward(st, scale, q, kv, seg, k_seg, sinks_hg)
+  res, out = _primal_and_output(st, finalized, q.dtype, with_lse)
+  return res, (q, kv, seg, k_seg, sinks_hg, out, finalized[1])
 
 
 def _gathered_bwd(st, scale, with_lse, res, cotangent):
