@@ -138,7 +138,8 @@ def _shard_body(args, *, combine, layout, scale, impl, chunk_size, with_final):
                              g if g is None or g.ndim == 1 else pieces(g), scale=scale,
                              segment_ids=None if seg is None else pieces(seg), impl=impl,
                              chunk_size=chunk_size)
-  o_inter = inter_output(pieces(q), from_start, before, s_in.reshape((rows,) + s_in.shape[2:]), scale)
+  s_in = s_in.reshape((rows,) + s_in.shape[2:])
+  o_inter = inter_output(pieces(q), from_start, before, s_in, scale)
   o = (o_intra.astype(F32) + o_inter).reshape(b, tl, h, -1).astype(q.dtype)
   return (o, final[None]) if with_final else o
 
@@ -151,7 +152,7 @@ def _gate_spec(g, mesh):
 
 
 def check_inputs(q, k, v, g, *, layout, initial_state, segment_ids, chunk_size, mesh, what):
-  """linear_attention's checks plus the mesh and layout ones; returns the resolved mesh."""
+  """linear_attention's checks plus the mesh and layout ones (ValueErrors naming the settings)."""
   check_arguments(q, k, v, g, initial_state, segment_ids, chunk_size)
   specs.check_seq_mesh(mesh, what)
   if layout.shards != specs.seq_degree(mesh):
@@ -159,15 +160,14 @@ def check_inputs(q, k, v, g, *, layout, initial_state, segment_ids, chunk_size, 
                      f"{specs.seq_degree(mesh)} (MeshConfig.seq)")
   specs.check_divisible(mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], what=what)
   layout.check_length(q.shape[1], multiple=chunk_size, what=f"{what}: sequence length")
-  return mesh
 
 
 def sequence_parallel(combine, q, k, v, g, *, layout, scale, initial_state, output_final_state,
                       segment_ids, impl, chunk_size, mesh, what):
   """Validates, then runs the shared per-shard body with `combine` supplying S_in and the final
   state; returns o (layout order) or (o, final_state [b, h, d_k, d_v] float32)."""
-  mesh = check_inputs(q, k, v, g, layout=layout, initial_state=initial_state,
-                      segment_ids=segment_ids, chunk_size=chunk_size, mesh=mesh, what=what)
+  check_inputs(q, k, v, g, layout=layout, initial_state=initial_state,
+               segment_ids=segment_ids, chunk_size=chunk_size, mesh=mesh, what=what)
   heads = specs.heads_spec(mesh)
   args, in_specs = {"q": q, "k": k, "v": v}, {"q": heads, "k": heads, "v": heads}
   if g is not None:

@@ -211,40 +211,47 @@ def _kv_block(st: Tiles, kv, kj, j):
   return lax.dynamic_slice(kv, _kv_start(st, kj, j), size)[0]
 
 
-def _pair_loop(st: Tiles, rel, carry, q_block):
-  """carry = q_block(i, carry) over the query blocks of a pair, none when the pair is hidden."""
-  return lax.cond(visible(st, rel),
-                  lambda c: lax.fori_loop(0, st.q_pad // st.block_q, q_block, c),
-                  lambda c: c, carry)
+def _over_pairs(st: Tiles, pairs, carry, q_seg, q_ids, k_seg, k_ids, tile_step):
+  """Runs carry = tile_step(qi, kj, i, mask, bounds, carry) over the query blocks i of every
+  static (query slot qi, key slot kj) pair, skipping at run time the pairs that are hidden.
+
+  `mask(j, edge)` and `bounds` are the tile's mask and key block range (`_tile_fns`)."""
+  if not len(pairs):
+    return carry
+  table = jnp.asarray(pairs)
+
+  def pair(n, carry):
+    qi, kj = table[n, 0], table[n, 1]
+    rel = (q_ids[qi] - k_ids[kj]) * st.chunk
+    k_seg_j = _at(k_seg, kj)
+
+    def q_block(i, carry):
+      mask, bounds = _tile_fns(st, rel, i, _tile(q_seg, qi, i), k_seg_j)
+      return tile_step(qi, kj, i, mask, bounds, carry)
+
+    return lax.cond(visible(st, rel),
+                    lambda c: lax.fori_loop(0, st.q_pad // st.block_q, q_block, c),
+                    lambda c: c, carry)
+
+  return lax.fori_loop(0, len(pairs), pair, carry)
 
 
 def attend_forward(st: Tiles, state, qb, q_seg, q_ids, kv, k_seg, k_ids, pairs):
   """Folds the key chunks of kv [n, 2, b, hk, k_pad, d] (global chunk ids k_ids [n]) into the
   query state for the static (query slot, key slot) `pairs`; hidden pairs are skipped at run
   time. The state is updated tile by tile in place: no per-chunk copies."""
-  if not len(pairs):
-    return state
-  table = jnp.asarray(pairs)
 
-  def pair(n, state):
-    qi, kj = table[n, 0], table[n, 1]
-    rel = (q_ids[qi] - k_ids[kj]) * st.chunk
-    k_seg_j = _at(k_seg, kj)
+  def tile_step(qi, kj, i, mask, bounds, state):
+    q_i = _tile(qb, qi, i)
 
-    def q_block(i, state):
-      q_i = _tile(qb, qi, i)
-      mask, bounds = _tile_fns(st, rel, i, _tile(q_seg, qi, i), k_seg_j)
+    def body(j, s, edge):
+      kv_j = _kv_block(st, kv, kj, j)
+      return fc.online_update(s, q_i, kv_j[0], kv_j[1], mask(j, edge), 1.0)
 
-      def body(j, s, edge):
-        kv_j = _kv_block(st, kv, kj, j)
-        return fc.online_update(s, q_i, kv_j[0], kv_j[1], mask(j, edge), 1.0)
+    new = fc.blocks_loop(bounds, body, tuple(_tile(x, qi, i) for x in state))
+    return tuple(_put_tile(x, y, qi, i) for x, y in zip(state, new))
 
-      new = fc.blocks_loop(bounds, body, tuple(_tile(x, qi, i) for x in state))
-      return tuple(_put_tile(x, y, qi, i) for x, y in zip(state, new))
-
-    return _pair_loop(st, rel, state, q_block)
-
-  return lax.fori_loop(0, len(pairs), pair, state)
+  return _over_pairs(st, pairs, state, q_seg, q_ids, k_seg, k_ids, tile_step)
 
 
 def attend_backward(st: Tiles, grads, qb, dob, lse, delta, q_seg, q_ids, kv, k_seg, k_ids,
@@ -252,36 +259,24 @@ def attend_backward(st: Tiles, grads, qb, dob, lse, delta, q_seg, q_ids, kv, k_s
   """Adds the gradients of `attend_forward`'s pairs to grads = (dq [chunks, nq, ...], dkv
   [n, 2, b, hk, k_pad, d]), both float32, recomputing the probabilities from the saved
   logsumexp; updated tile by tile in place."""
-  if not len(pairs):
-    return grads
-  table = jnp.asarray(pairs)
 
-  def pair(n, grads):
-    qi, kj = table[n, 0], table[n, 1]
-    rel = (q_ids[qi] - k_ids[kj]) * st.chunk
-    k_seg_j = _at(k_seg, kj)
+  def tile_step(qi, kj, i, mask, bounds, grads):
+    dq, dkv = grads
+    q_i, do_i, lse_i, delta_i = (_tile(x, qi, i) for x in (qb, dob, lse, delta))
 
-    def q_block(i, grads):
-      dq, dkv = grads
-      q_i, do_i, lse_i, delta_i = (_tile(x, qi, i) for x in (qb, dob, lse, delta))
-      mask, bounds = _tile_fns(st, rel, i, _tile(q_seg, qi, i), k_seg_j)
+    def body(j, c, edge):
+      dq_i, dkv = c
+      kv_j = _kv_block(st, kv, kj, j)
+      p, ds = fc.backward_block(q_i, kv_j[0], kv_j[1], do_i, lse_i, delta_i, mask(j, edge), 1.0)
+      part = jnp.stack([fc.dk_part(ds, q_i, 1.0), fc.dv_part(p, do_i)])
+      dkv = lax.dynamic_update_slice(dkv, (_kv_block(st, dkv, kj, j) + part)[None],
+                                     _kv_start(st, kj, j))
+      return dq_i + fc.dq_part(ds, kv_j[0], 1.0), dkv
 
-      def body(j, c, edge):
-        dq_i, dkv = c
-        kv_j = _kv_block(st, kv, kj, j)
-        p, ds = fc.backward_block(q_i, kv_j[0], kv_j[1], do_i, lse_i, delta_i, mask(j, edge),
-                                  1.0)
-        part = jnp.stack([fc.dk_part(ds, q_i, 1.0), fc.dv_part(p, do_i)])
-        dkv = lax.dynamic_update_slice(dkv, (_kv_block(st, dkv, kj, j) + part)[None],
-                                       _kv_start(st, kj, j))
-        return dq_i + fc.dq_part(ds, kv_j[0], 1.0), dkv
+    dq_i, dkv = fc.blocks_loop(bounds, body, (_tile(dq, qi, i), dkv))
+    return _put_tile(dq, dq_i, qi, i), dkv
 
-      dq_i, dkv = fc.blocks_loop(bounds, body, (_tile(dq, qi, i), dkv))
-      return _put_tile(dq, dq_i, qi, i), dkv
-
-    return _pair_loop(st, rel, grads, q_block)
-
-  return lax.fori_loop(0, len(pairs), pair, grads)
+  return _over_pairs(st, pairs, grads, q_seg, q_ids, k_seg, k_ids, tile_step)
 
 
 def _at(x, i):
