@@ -121,12 +121,19 @@ def test_bad_arguments_name_the_setting(change, message):
     linear_attention(**kwargs)
 
 
-def test_auto_avoids_kernels_that_cannot_lower_and_pallas_names_why(caplog):
+def test_auto_avoids_kernels_that_cannot_lower_and_pallas_names_why(caplog, monkeypatch):
   from layers.kernels import dispatch
+  # Every kernel lowers for cuda and tpu today (the export tests), so auto picks pallas there.
+  assert dispatch.CANNOT_LOWER == {}
+  for family in ("linear_attention", "softmax_attention"):
+    for backend in ("gpu", "tpu"):
+      assert dispatch.resolve_impl(family, "auto", backend=backend) == "pallas"
+  assert dispatch.resolve_impl("linear_attention", "auto", backend="cpu") == "xla"
+  # An entry (what a failing export would add) turns auto into xla with the reason logged.
+  monkeypatch.setitem(dispatch.CANNOT_LOWER, ("linear_attention", "gpu"), "reason R")
   with caplog.at_level(logging.INFO, logger="lctx.kernels"):
     assert dispatch.resolve_impl("linear_attention", "auto", backend="gpu") == "xla"
-    assert dispatch.resolve_impl("linear_attention", "auto", backend="tpu") == "pallas"
     assert dispatch.resolve_impl("softmax_attention", "auto", backend="gpu") == "pallas"
-  assert "linear_attention: impl=auto -> xla on gpu because the chunked GLA Pallas" in caplog.text
-  with pytest.raises(ValueError, match="impl='pallas' cannot run on gpu: the chunked GLA"):
+  assert "linear_attention: impl=auto -> xla on gpu because reason R" in caplog.text
+  with pytest.raises(ValueError, match="impl='pallas' cannot run on gpu: reason R"):
     dispatch.resolve_impl("linear_attention", "pallas", backend="gpu")

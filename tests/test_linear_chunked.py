@@ -165,14 +165,19 @@ def test_segments_equal_separate_documents(impl, documents):
 # Pallas executor (interpreted on CPU): a representative subset.
 
 
-@pytest.mark.parametrize("gate,strength,t,dk,dv,chunk", [
-    (None, 1.0, 63, 60, 60, 16),
-    ("scalar", 10.0, 100, 24, 40, 32),
-    ("vector", 10.0, 63, 40, 24, 32),
+@pytest.mark.parametrize("gate,strength,t,dk,dv,chunk,target", [
+    (None, 1.0, 63, 60, 60, 16, None),
+    ("scalar", 10.0, 100, 24, 40, 32, "gpu"),
+    ("vector", 10.0, 63, 40, 24, 48, None),
+    ("vector", 1.0, 40, 24, 40, 32, "gpu"),
 ])
-def test_pallas_matches_reference(gate, strength, t, dk, dv, chunk):
+def test_pallas_matches_reference(monkeypatch, gate, strength, t, dk, dv, chunk, target):
+  # target "gpu": the Triton conventions (each program loops over its chunks; head dims padded to
+  # powers of two) run in the interpreter; None: the chunk walked by the grid, as on TPU.
+  from layers.kernels import gla_pallas as gp
+  monkeypatch.setattr(gp, "_target", lambda interpret: target)
   inputs = _inputs(3, b=1, t=t, dk=dk, dv=dv, gate=gate, strength=strength)
-  _check(_pallas(chunk), inputs, _segments(t)[:1])
+  _check(_pallas(chunk, True), inputs, _segments(t)[:1])
 
 
 def test_pallas_tpu_interpreter():
@@ -184,14 +189,15 @@ def test_pallas_tpu_interpreter():
 # Dtypes and argument checks.
 
 
-def test_bfloat16_inputs_keep_dtype():
+@pytest.mark.parametrize("fn", [chunked_linear_attention, gla_pallas])
+def test_bfloat16_inputs_keep_dtype(fn):
+  # The kernels feed bf16 straight into their matmuls (f32 accumulation); the xla path upcasts.
   q, k, v, gk, h0 = _inputs(5, b=1, t=20, h=1, dk=16, dv=16, gate="vector")
   bf = lambda x: x.astype(jnp.bfloat16)
 
   @jax.jit
   def forward_and_dq(q):
-    f = lambda q: chunked_linear_attention(q, bf(k), bf(v), gk, scale=SCALE, initial_state=h0,
-                                           chunk_size=16)
+    f = lambda q: fn(q, bf(k), bf(v), gk, scale=SCALE, initial_state=h0, chunk_size=16)
     (o, final), vjp = jax.vjp(f, q)
     return o, final, vjp((jnp.ones_like(o), jnp.zeros_like(final)))[0]
 
@@ -220,18 +226,27 @@ def test_pallas_rejects_bad_interpret():
     gla_pallas(q, q, q, scale=1.0, interpret="yes")
 
 
-def _export_gla(platform, gate, t=32768, d=128):
-  """Exports the GLA Pallas kernel's forward+backward for `platform` (bf16, T = 32K, d = 128)."""
+def _export_gla(platform, gate, with_state_and_segments, t=32768, d=128):
+  """Exports the GLA kernels' forward+backward for `platform` (bf16, T = 32K, d = 128)."""
   from jax import export
-  b, h = 1, 1
+  b, h = 1, 2
   x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
   g = None if gate is None else jax.ShapeDtypeStruct((b, t, h, 1 if gate == "scalar" else d),
                                                      jnp.float32)
-  loss = lambda q, k, v, g: jnp.sum(gla_pallas(q, k, v, g, scale=0.1, interpret=False)[0]
-                                    .astype(jnp.float32))
+  h0 = seg = None
+  if with_state_and_segments:
+    h0 = jax.ShapeDtypeStruct((b, h, d, d), jnp.float32)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def loss(q, k, v, g, h0, seg):
+    o, final = gla_pallas(q, k, v, g, scale=0.1, initial_state=h0, segment_ids=seg,
+                          interpret=False)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
   checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-  return export.export(fn, platforms=[platform], disabled_checks=checks)(x, x, x, g)
+  argnums = (0, 1, 2) + ((3,) if gate else ()) + ((4,) if h0 is not None else ())
+  fn = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+  return export.export(fn, platforms=[platform], disabled_checks=checks)(x, x, x, g, h0, seg)
 
 
 @pytest.fixture
@@ -242,16 +257,18 @@ def tpu_chip(monkeypatch):
       tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1)))
 
 
-@pytest.mark.parametrize("gate", [None, "scalar", "vector"])
-def test_gla_kernel_lowers_for_tpu_and_not_for_gpu(tpu_chip, gate):
-  # What layers/kernels/dispatch.CANNOT_LOWER records: TPU lowers every gate form (so `auto` may
-  # pick the kernel there); GPU lowers none with the pinned JAX (so `auto` runs xla on GPU). If a
-  # JAX upgrade makes the GPU export pass, this test fails and the table must be revisited.
-  from layers.kernels import dispatch
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
+def test_gla_kernels_export_for_cuda_and_tpu_at_32k(monkeypatch, tpu_chip, target):
+  # Every gate form (none, per head, per key dim), with and without segment ids and an initial
+  # state: the three kernels lower (Triton on GPU, Mosaic on TPU), which is what lets
+  # dispatch.CANNOT_LOWER stay empty and `auto` pick them on both.
   import re
-  text = _export_gla("tpu", gate).mlir_module()
-  kernels = set(re.findall(r"gla_(state_update|chunk_out|state_grad|chunk_bwd)", text))
-  assert kernels == {"state_update", "chunk_out", "state_grad", "chunk_bwd"}, kernels
-  assert ("linear_attention", "gpu") in dispatch.CANNOT_LOWER
-  with pytest.raises((NotImplementedError, ValueError)):
-    _export_gla("cuda", gate)
+  from layers.kernels import gla_pallas as gp
+  monkeypatch.setattr(gp, "_target", lambda interpret: target)
+  platform, call = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}[target]
+  for gate in (None, "scalar", "vector"):
+    for extras in (False, True):
+      text = _export_gla(platform, gate, extras).mlir_module()
+      kernels = set(re.findall(r"gla_(fwd|states|bwd)", text))
+      assert kernels == {"fwd", "states", "bwd"}, (gate, extras, kernels)
+      assert text.count(f"custom_call @{call}(") == 3, (gate, extras)

@@ -6,8 +6,9 @@ orders of magnitude slower). Every choice is logged with the family name, so a r
 test's `caplog` both say which implementation ran.
 
 `CANNOT_LOWER` lists the (family, backend) pairs whose Pallas kernel does not lower with the
-pinned JAX (tests/test_linear_chunked.py exports the kernels for cuda and tpu and fails when this
-table goes stale): there `auto` runs xla and logs why, and impl="pallas" is an error naming it.
+pinned JAX: there `auto` runs xla and logs why, and impl="pallas" is an error naming it. It is
+empty today: tests/test_softmax_attention.py and tests/test_linear_chunked.py export every kernel
+variant for cuda and tpu, so an entry is needed exactly when one of those exports fails.
 """
 
 import logging
@@ -18,11 +19,7 @@ IMPLS = ("reference", "xla", "pallas", "auto")
 
 log = logging.getLogger("lctx.kernels")
 
-CANNOT_LOWER = {
-    ("linear_attention", "gpu"): (
-        "the chunked GLA Pallas kernel does not lower for GPU with JAX 0.10.2 (Mosaic GPU: "
-        "dot_general under warpgroup semantics, GMEM strides, slices of untiled arrays)"),
-}
+CANNOT_LOWER: dict[tuple[str, str], str] = {}
 
 
 def resolve_impl(family: str, impl: str, backend: str | None = None) -> str:

@@ -1,12 +1,11 @@
 """Per-chunk math of chunked (gated) linear attention: forward and hand-derived backward.
 
 Every function here works on ONE chunk of ONE (batch, head): 2D arrays q [C, dk], k [C, dk],
-v [C, dv], states [dk, dv]. They are the single source of truth for both executors: the pure-JAX
-executor (`linear_chunked.py`) vmaps them over batch, head and chunk, the Pallas executor
-(`gla_pallas.py`) calls them on the blocks its kernels load. So they only use ops that lower in
-Pallas: 2D `dot_general` with float32 accumulation, elementwise math, iota masks, static slices and
-concatenations, small reductions. In particular there is no cumsum: the executors pass `b`, the
-in-chunk cumulative log-gate, computed in XLA (whose autodiff also turns db into dgk).
+v [C, dv], states [dk, dv]; the pure-JAX implementation (`linear_chunked.py`) vmaps them over
+batch, head and chunk. The Pallas kernels (`gla_pallas.py`) compute the same formulas on ref
+slices of sub-blocks (the Triton lowering has no value slices), with the state transposed. There
+is no cumsum here: the driver passes `b`, the in-chunk cumulative log-gate, computed in XLA (whose
+autodiff also turns db into dgk).
 
 Conventions for one chunk of length C:
   b: None (no gate), [C, 1] (scalar gate per head) or [C, dk] (per key dim): b_t = sum of the
@@ -210,7 +209,7 @@ def chunk_output(q, k, v, b, seg, s_in, *, scale: float, sub: int):
 def chunk_state_grad(q, b, seg, do, *, scale: float):
   """w [dk, dv]: the chunk's direct contribution to the gradient of its incoming state.
 
-  The full gradient is ds_in = w + decay^T * ds_out; the executors run that reverse recurrence.
+  The full gradient is ds_in = w + decay^T * ds_out; the driver runs that reverse recurrence.
   """
   q = q.astype(F32) * scale
   masks = chunk_masks(q.shape[0], seg)

@@ -1,14 +1,13 @@
-"""Chunked (gated) linear attention in pure JAX (the "xla" executor), and the shared chunk driver.
+"""Chunked (gated) linear attention in pure JAX (the "xla" implementation).
 
 The sequence is cut into chunks of C tokens. Chunk-local work (intra-chunk attention, the chunk's
 state contribution, and all of the backward) is in `linear_chunk_math`, written for one chunk of
-one (batch, head); only the cheap [dk, dv] recurrence across the T/C chunks is sequential. The
-driver here is shared by both executors: it validates and pads the inputs, turns log-gates into
+one (batch, head) and vmapped over all of them; only the cheap [dk, dv] recurrence across the T/C
+chunks is sequential (an XLA scan). The driver validates and pads the inputs, turns log-gates into
 in-chunk cumulative sums and segment ids into relative segment runs (plain XLA, so autodiff
 handles the padding, the layout changes and the cumsum), and wraps the chunk work in a
-`jax.custom_vjp` that uses the hand-derived backward. An executor only supplies `map_chunks`,
-which applies a per-chunk function to every (chunk, batch, head): `vmap_chunks` here, Pallas
-kernels in `gla_pallas`.
+`jax.custom_vjp` that uses the hand-derived backward. `check_inputs` and `segment_runs` are shared
+with the Pallas kernels (`gla_pallas`), which run the recurrence inside the kernels instead.
 
 Internal layout is [N, B, H, C, d] (chunk index leading): the per-chunk matmuls become batched
 matmuls with leading batch dims, and the cross-chunk scans run over the leading axis without
@@ -16,7 +15,7 @@ transposing the [N, B, H, dk, dv] states.
 """
 
 import functools
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +25,12 @@ from layers.kernels import linear_chunk_math as cm
 
 F32 = jnp.float32
 
-# map_chunks(fn, args, seg, out_specs) -> tuple of [N, B, H, *shape] arrays.
-#   fn(*blocks, seg=seg_block) -> tuple of per-chunk arrays; args are [N, B, H, ...] arrays or None;
-#   seg is [N, B, C] int or None; out_specs lists (per-chunk shape, dtype) of fn's outputs.
-#   fn.__name__ names the step (state_update, chunk_out, state_grad, chunk_bwd).
-MapChunks = Callable[..., tuple]
+def map_chunks(fn, args: Sequence, seg, out_specs) -> tuple:
+  """Applies `fn` to every (chunk, batch, head): a vmap over the three axes flattened into one.
 
-
-def vmap_chunks(fn, args: Sequence, seg, out_specs) -> tuple:
-  """The pure-JAX `map_chunks`: vmaps `fn` over chunk, batch and head (out_specs unused).
+  fn(*blocks, seg=seg_block) -> tuple of per-chunk arrays; args are [N, B, H, ...] arrays or
+  None; seg is [N, B, C] int or None; out_specs (the per-chunk (shape, dtype) of fn's outputs)
+  documents the outputs and is unused.
 
   The three axes are flattened into one before a single vmap: XLA:CPU emits the fused
   elementwise-and-reduce loops of the gated paths many times slower over several batch dims
@@ -100,7 +96,8 @@ def backward_states(w, decay, d_final):
 # The custom_vjp core on [N, B, H, C, d] arrays (T already padded to N * C).
 
 
-def _make_core(map_chunks: MapChunks, scale: float, sub: int):
+@functools.lru_cache(maxsize=None)
+def _make_core(scale: float, sub: int):
   """Builds core(q, k, v, b, h0, seg) -> (o f32 [N, B, H, C, dv], final_state) with its VJP.
 
   `sub` is the forward's sub-chunk for the per-key-dim gate. The backward uses at most 8: its
@@ -172,7 +169,7 @@ def _make_core(map_chunks: MapChunks, scale: float, sub: int):
 # Validation, padding and layout.
 
 
-def _check_inputs(name, q, k, v, gk, initial_state, segment_ids, chunk_size):
+def check_inputs(name, q, k, v, gk, initial_state, segment_ids, chunk_size):
   if q.ndim != 4:
     raise ValueError(f"{name}: q must be [batch, time, heads, dk], got shape {q.shape}")
   b, t, h, dk = q.shape
@@ -204,7 +201,7 @@ def _from_chunks(x, t):
   return x.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, d)[:, :t]
 
 
-def _segment_runs(segment_ids, n, chunk):
+def segment_runs(segment_ids, n, chunk):
   """[B, T] ids -> [N, B, C] run index relative to the run of the token before each chunk.
 
   Runs (not raw ids) make any id change a reset, as in the reference, even if an id repeats
@@ -220,29 +217,10 @@ def _segment_runs(segment_ids, n, chunk):
   return (runs - prev[:, :, None]).transpose(1, 0, 2)
 
 
-def run_chunked(map_chunks: MapChunks, name: str, q, k, v, gk, *, scale, initial_state,
-                segment_ids, chunk_size):
-  """Shared driver of both executors; see `chunked_linear_attention` for the arguments.
-
-  Args:
-    map_chunks: the executor's per-chunk mapper; hashable and stable across calls (it is a static
-      argument of the jitted driver, so a new function per call would recompile every time).
-    name: the public function's name, used in error messages.
-  """
-  try:
-    scale = float(scale)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{name}: scale={scale!r} must be a Python number (it is static)") from e
-  return _run_chunked(map_chunks, name, q, k, v, gk, scale=scale, initial_state=initial_state,
-                      segment_ids=segment_ids, chunk_size=chunk_size)
-
-
 # Jitted (inlined when the caller is traced already) so that eager calls do not dispatch the many
 # small chunk ops one by one.
-@functools.partial(jax.jit, static_argnames=("map_chunks", "name", "scale", "chunk_size"))
-def _run_chunked(map_chunks, name, q, k, v, gk, *, scale, initial_state, segment_ids,
-                 chunk_size):
-  _check_inputs(name, q, k, v, gk, initial_state, segment_ids, chunk_size)
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size"))
+def _run_chunked(q, k, v, gk, *, scale, initial_state, segment_ids, chunk_size):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   chunk = chunk_size
@@ -255,8 +233,8 @@ def _run_chunked(map_chunks, name, q, k, v, gk, *, scale, initial_state, segment
     cum = jnp.cumsum(g, axis=2).transpose(1, 0, 3, 2, 4)
   h0 = (jnp.zeros((b, h, dk, dv), F32) if initial_state is None
         else initial_state.astype(F32))
-  seg = None if segment_ids is None else _segment_runs(segment_ids, n, chunk)
-  core = _make_core(map_chunks, scale, cm.sub_chunk_size(chunk))
+  seg = None if segment_ids is None else segment_runs(segment_ids, n, chunk)
+  core = _make_core(scale, cm.sub_chunk_size(chunk))
   o, final = core(qc, kc, vc, cum, h0, seg)
   return _from_chunks(o, t).astype(q.dtype), final
 
@@ -276,5 +254,11 @@ def chunked_linear_attention(q, k, v, gk=None, *, scale: float, initial_state=No
     (o [b, t, h, dv] in q's dtype, final_state [b, h, dk, dv] float32). Differentiable in q, k,
     v, gk and initial_state through a hand-written backward.
   """
-  return run_chunked(vmap_chunks, "chunked_linear_attention", q, k, v, gk, scale=scale,
-                     initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+  name = "chunked_linear_attention"
+  try:
+    scale = float(scale)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name}: scale={scale!r} must be a Python number (it is static)") from e
+  check_inputs(name, q, k, v, gk, initial_state, segment_ids, chunk_size)
+  return _run_chunked(q, k, v, gk, scale=scale, initial_state=initial_state,
+                      segment_ids=segment_ids, chunk_size=chunk_size)
