@@ -1,14 +1,34 @@
-"""Shared pytest setup: the repository root on sys.path, float32 matmuls at full precision."""
+"""Shared pytest setup: the repository root on sys.path, float32 matmuls at full precision, and
+one persistent compilation cache for the whole session.
 
+The cache lives in a fresh temporary directory made here (removed at exit), so it is empty when a
+session starts and no result depends on an earlier run; the environment variables hand it to
+every subprocess the tests start (training runs, fake-device scripts), so the many runs of the
+same tiny configuration compile their steps once. A cache hit loads the executable XLA built for
+the same program, flags and devices: it changes no number a test checks.
+"""
+
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+_CACHE = tempfile.mkdtemp(prefix="lctx-test-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import jax  # noqa: E402
 
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
