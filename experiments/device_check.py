@@ -152,7 +152,7 @@ def _dpa(q, k, v, implementation):
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
-def run_timings(lengths, *, heads, head_dim, repeats, budget_s, backend):
+def run_timings(lengths, *, heads, head_dim, repeats, budget_s, backend, chunk=64):
   """Forward and forward+backward ms per op; rows past the budget are listed as skipped."""
   rows, skipped, start = [], [], time.monotonic()
   gate_key = jax.random.key(3)
@@ -168,10 +168,10 @@ def run_timings(lengths, *, heads, head_dim, repeats, budget_s, backend):
     yield ("flash", "xla", lambda q, k, v: softmax_attention(q, k, v, impl="xla"), (q, k, v), "")
     yield ("jax.nn.dot_product_attention", dpa_impl, lambda q, k, v: _dpa(q, k, v, dpa_impl),
            (q, k, v), "")
-    yield ("gla", "pallas", lambda q, k, v, g: linear_attention(q, k, v, g, impl="pallas"),
-           (q, k, v, g), "")
-    yield ("gla", "xla", lambda q, k, v, g: linear_attention(q, k, v, g, impl="xla"),
-           (q, k, v, g), "")
+    gla = lambda impl: (lambda q, k, v, g: linear_attention(q, k, v, g, impl=impl,
+                                                            chunk_size=chunk))
+    yield ("gla", "pallas", gla("pallas"), (q, k, v, g), "")
+    yield ("gla", "xla", gla("xla"), (q, k, v, g), "")
 
   for t in lengths:
     for op, impl, fn, args, note in ops(t):
@@ -243,7 +243,8 @@ def main(argv=None):
   if not args.no_timing:
     left = args.budget_s - (time.monotonic() - start)
     timings, skipped = run_timings(lengths, heads=heads, head_dim=head_dim,
-                                   repeats=args.repeats, budget_s=left, backend=backend)
+                                   repeats=args.repeats, budget_s=left, backend=backend,
+                                   chunk=chunk)
     print(f"\nbf16, b=1, h={heads}, d={head_dim}, causal; best of {args.repeats} after warm-up")
     bm.print_table(timings, TIMING_COLUMNS)
     bm.write_csv(os.path.join(args.out, "timing.csv"), timings, TIMING_COLUMNS)

@@ -65,7 +65,7 @@ def _prepare(what, q, k, v, *, layout, scale, window, segment_ids, sinks, mesh, 
                      f"MeshConfig.seq={specs.seq_degree(mesh)}")
   specs.check_divisible(mesh, batch=b, heads=h, kv_heads=k.shape[2], what=what)
   chunk = t // layout.num_chunks
-  block_q, block_k = fc.resolve_blocks(block_size, chunk, ab.DEFAULT_BLOCK)
+  block_q, block_k = fc.resolve_blocks(block_size, chunk, "xla")
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   window = None if window is None else int(window)
   return ab.Tiles(layout, window, chunk, block_q, block_k, h // k.shape[2]), scale

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 
 from experiments import bench_kernels
 
@@ -22,5 +23,10 @@ def test_bench_kernels_writes_tables(tmp_path, capsys):
   assert {(r["model"], r["context"]) for r in decode} == {
       (m, c) for m in ("gla", "gla+swa512", "full_attention") for c in ("16", "40")}
   printed = capsys.readouterr().out
-  assert "matmul peak" in printed and "decode gla: step at 40 / step at 16" in printed
+  assert "matmul peak" in printed
+  # Every goal line says PASS, FAIL or n/a; the 16K goals are n/a at this size.
+  assert re.search(r"^(PASS|FAIL)  decode gla: step at 40 / step at 16 = [\d.]+x", printed, re.M)
+  assert re.search(r"^n/a   decode full_attention: step at 40", printed, re.M)
+  assert "n/a   gla fwd+bwd at 16K vs jax_nn_causal" in printed
+  assert "n/a   plain linear forward at 16K" in printed
   assert os.path.exists(os.path.join(out, "kernels.png"))

@@ -8,13 +8,13 @@ from experiments import device_check
 
 def test_device_check_tiny_runs_checks_and_timings(tmp_path, capsys):
   out = str(tmp_path / "dc")
-  rc = device_check.main(["--tiny", "--only", "flash_sinks,gla_vector_gate_segments_h0",
+  rc = device_check.main(["--tiny", "--only", "flash_window,gla_vector_gate_segments_h0",
                           "--repeats", "1", "--out", out])
   assert rc == 0
   with open(os.path.join(out, "check.csv")) as f:
     checks = list(csv.DictReader(f))
   assert [(r["kernel"], r["variant"], r["result"]) for r in checks] == [
-      ("flash", "sinks", "PASS"), ("gla", "vector_gate_segments_h0", "PASS")]
+      ("flash", "window", "PASS"), ("gla", "vector_gate_segments_h0", "PASS")]
   assert all(float(r["rel_rms"]) < device_check.TOL for r in checks)
   with open(os.path.join(out, "timing.csv")) as f:
     timing = list(csv.DictReader(f))

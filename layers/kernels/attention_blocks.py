@@ -38,7 +38,6 @@ from layers.kernels import flash_common as fc
 from sharding import specs
 from sharding.layout import SeqLayout
 
-DEFAULT_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)

@@ -255,10 +255,19 @@ def round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def resolve_blocks(block_size, t: int, default: int, multiple: int = 8) -> tuple[int, int]:
-  """(block_q, block_k) from an int, a pair or None, shrunk for short sequences."""
+# Default flash block size (block_q = block_k) of each tiling: the one table. "xla" is the pure-JAX
+# tile loop, which single-device flash (flash_xla) and the sequence-parallel block step
+# (attention_blocks) share: on CPU, 512-token tiles amortize XLA's per-iteration overhead. "pallas"
+# is one kernel program's tile (flash_pallas): 128 fits Triton's shared memory at head_dim 128 and
+# is the lane width of TPU tiles. A block_size argument overrides the table.
+DEFAULT_BLOCKS = {"xla": 512, "pallas": 128}
+
+
+def resolve_blocks(block_size, t: int, tiling: str, multiple: int = 8) -> tuple[int, int]:
+  """(block_q, block_k) from an int, a pair or None (the tiling's DEFAULT_BLOCKS entry), shrunk
+  for short sequences."""
   if block_size is None:
-    block_size = default
+    block_size = DEFAULT_BLOCKS[tiling]
   bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
   cap = round_up(t, multiple)
   return min(bq, cap), min(bk, cap)

@@ -35,7 +35,6 @@ from jax.experimental.pallas import triton as pltriton
 from layers.kernels import dispatch
 from layers.kernels import flash_common as fc
 
-DEFAULT_BLOCK = 128
 _SQ = pl.squeezed
 
 
@@ -100,7 +99,8 @@ def flash_attention_pallas(q, k, v, *, scale: float, causal: bool = True,
 
   Args:
     q, k, v, scale, causal, window, segment_ids, sinks: as in `flash_attention_xla`.
-    block_size: int or (block_q, block_k); None means DEFAULT_BLOCK. Shrunk for short inputs.
+    block_size: int or (block_q, block_k); None means flash_common.DEFAULT_BLOCKS["pallas"].
+      Shrunk for short inputs.
     interpret: None (interpret exactly where Pallas cannot compile: CPU), a bool, or
       `jax.experimental.pallas.tpu.InterpretParams()` for the TPU-semantics interpreter.
     return_lse: also return the per-row logsumexp of the scaled logits (sinks included).
@@ -111,7 +111,7 @@ def flash_attention_pallas(q, k, v, *, scale: float, causal: bool = True,
   hk = k.shape[2]
   interpret = dispatch.pallas_interpret() if interpret is None else interpret
   target = _target(interpret)
-  bq, bk = fc.resolve_blocks(block_size, t, DEFAULT_BLOCK)
+  bq, bk = fc.resolve_blocks(block_size, t, "pallas")
   bq, bk, dp = _fit_to_target(target, bq, bk, d)
   tq, tk = fc.round_up(t, bq), fc.round_up(t, bk)
   kv_len = t if (tk != t and not causal) else None

@@ -30,7 +30,6 @@ from jax import lax
 
 from layers.kernels import flash_common as fc
 
-DEFAULT_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +58,8 @@ def flash_attention_xla(q, k, v, *, scale: float, causal: bool = True, window: i
     causal, window: masking (window requires causal).
     segment_ids: optional int [b, t]; attention stays within a segment.
     sinks: optional float [h] sink logits.
-    block_size: int or (block_q, block_k); None means DEFAULT_BLOCK. Shrunk for short inputs.
+    block_size: int or (block_q, block_k); None means flash_common.DEFAULT_BLOCKS["xla"].
+      Shrunk for short inputs.
     return_lse: also return the per-row logsumexp of the scaled logits (sinks included).
   Returns:
     [b, t, h, d] in q's dtype; with return_lse a pair (that, lse [b, t, h] float32).
@@ -67,7 +67,7 @@ def flash_attention_xla(q, k, v, *, scale: float, causal: bool = True, window: i
   b, t, h, d = q.shape
   hk = k.shape[2]
   g = h // hk
-  bq, bk = fc.resolve_blocks(block_size, t, DEFAULT_BLOCK)
+  bq, bk = fc.resolve_blocks(block_size, t, "xla")
   tq, tk = fc.round_up(t, bq), fc.round_up(t, bk)
   nq = tq // bq
   # Under a causal mask padded keys (positions >= t) are invisible to every real query already.
