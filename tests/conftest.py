@@ -1,5 +1,5 @@
-"""Shared pytest setup: the repository root on sys.path, float32 matmuls at full precision, and
-one persistent compilation cache for the whole session.
+"""Shared pytest setup: the repository root on sys.path, float32 matmuls at full precision, one
+persistent compilation cache for the whole session, and the README runs kept on one worker.
 
 The cache lives in a fresh temporary directory made here (removed at exit), so it is empty when a
 session starts and no result depends on an earlier run; the environment variables hand it to
@@ -18,8 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-_CACHE = tempfile.mkdtemp(prefix="lctx-test-jax-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# One cache for the session: the pytest-xdist workers (pytest.ini runs two) inherit it from the
+# controlling process, which made it and removes it at exit.
+_CACHE = os.environ.get("LCTX_TEST_JAX_CACHE")
+if not _CACHE:
+  _CACHE = tempfile.mkdtemp(prefix="lctx-test-jax-cache-")
+  os.environ["LCTX_TEST_JAX_CACHE"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -39,3 +44,11 @@ def readme_runs(tmp_path_factory):
   """The README's commands, run once at tiny size (tests/readme.py)."""
   from tests.readme import run_readme_commands
   return run_readme_commands(str(tmp_path_factory.mktemp("readme")))
+
+
+def pytest_collection_modifyitems(items):
+  # pytest.ini distributes tests over two xdist workers by group (--dist loadgroup): every test
+  # that reads the README runs goes to the same worker, so the session fixture runs them once.
+  for item in items:
+    if "readme_runs" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.xdist_group("readme"))

@@ -52,7 +52,6 @@ _SQ = pl.squeezed
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
-SUB_CHUNK = 16  # rows of a diagonal sub-block under the per-key-dim gate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +60,8 @@ class _Static:
 
   scale: float
   chunk: int
-  sub: int  # sub-block rows: SUB_CHUNK-ish under the per-key-dim gate, else the whole chunk
+  sub: int  # sub-block rows: linear_chunk_math.sub_chunk_size under the per-key-dim gate (16
+  #   for chunks that are multiples of 16), else the whole chunk
   gate: str | None  # None, "scalar" or "vector"
   has_seg: bool
   target: str | None  # "gpu" or "tpu" when compiled, None when interpreted
