@@ -57,6 +57,19 @@ def test_parquet_rows_across_files(tmp_path):
   assert docs[2] == "ccc" and docs[0] == "a"
 
 
+def test_parquet_lengths_of_string_view_columns_fall_back_and_say_so(tmp_path, caplog):
+  # Arrow has no utf8_length for string_view: the lengths are counted in Python (code points, as
+  # for plain strings) and the log says so, naming the file and the column.
+  texts = ["ab", "h\u00e9llo", ""]
+  pq.write_table(pa.table({"text": pa.array(texts, type=pa.string_view())}),
+                 tmp_path / "sv.parquet")
+  docs = readers.read_documents("parquet", [str(tmp_path / "sv.parquet")])
+  with caplog.at_level("INFO", logger="lctx.data"):
+    lengths = docs.char_lengths()
+  assert lengths.tolist() == [2, 5, 0]
+  assert "sv.parquet: Arrow cannot count the characters of column 'text'" in caplog.text
+
+
 def test_missing_path(tmp_path):
   missing = str(tmp_path / "nope.jsonl")
   with pytest.raises(ValueError, match=r"DataConfig\.paths: no such file .*nope\.jsonl"):

@@ -15,9 +15,12 @@ import bisect
 from collections.abc import Sequence
 import glob
 import json
+import logging
 import os
 
 import numpy as np
+
+log = logging.getLogger("lctx.data")
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -254,7 +257,10 @@ class ParquetDocuments(_MultiFileDocuments):
     try:
       # Counts characters (code points) in Arrow, without Python strings.
       lengths = pc.fill_null(pc.utf8_length(self._column(file_index)), 0)
-    except pa.ArrowNotImplementedError:  # e.g. string_view columns.
+    except pa.ArrowNotImplementedError as e:  # e.g. string_view columns.
+      log.info("%s: Arrow cannot count the characters of column %r (%s); counting them in "
+               "Python instead (same lengths, slower)", self._files[file_index],
+               self._text_field, e)
       return super()._file_lengths(file_index)
     return lengths.to_numpy(zero_copy_only=False).astype(np.int64)
 
