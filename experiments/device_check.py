@@ -152,6 +152,14 @@ def _dpa(q, k, v, implementation):
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
+def _fwd_and_fwd_bwd_ms(fn, args, repeats):
+  """(forward ms, forward+backward ms) of fn(*args), the backward through every argument."""
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+  fwd_bwd = jax.grad(loss, argnums=tuple(range(len(args))))
+  return (bm.time_ms(jax.jit(fn), *args, repeats=repeats),
+          bm.time_ms(jax.jit(fwd_bwd), *args, repeats=repeats))
+
+
 def run_timings(lengths, *, heads, head_dim, repeats, budget_s, backend, chunk=64):
   """Forward and forward+backward ms per op; rows past the budget are listed as skipped."""
   rows, skipped, start = [], [], time.monotonic()
@@ -164,38 +172,31 @@ def run_timings(lengths, *, heads, head_dim, repeats, budget_s, backend, chunk=6
     g = jax.nn.log_sigmoid(jax.random.normal(gate_key, shape, jnp.float32) + 2.0)
     dpa_impl = "cudnn" if backend == "gpu" else "xla"
     yield ("flash", "pallas", lambda q, k, v: softmax_attention(q, k, v, impl="pallas"),
-           (q, k, v), "")
-    yield ("flash", "xla", lambda q, k, v: softmax_attention(q, k, v, impl="xla"), (q, k, v), "")
+           (q, k, v))
+    yield ("flash", "xla", lambda q, k, v: softmax_attention(q, k, v, impl="xla"), (q, k, v))
     yield ("jax.nn.dot_product_attention", dpa_impl, lambda q, k, v: _dpa(q, k, v, dpa_impl),
-           (q, k, v), "")
+           (q, k, v))
     gla = lambda impl: (lambda q, k, v, g: linear_attention(q, k, v, g, impl=impl,
                                                             chunk_size=chunk))
-    yield ("gla", "pallas", gla("pallas"), (q, k, v, g), "")
-    yield ("gla", "xla", gla("xla"), (q, k, v, g), "")
+    yield ("gla", "pallas", gla("pallas"), (q, k, v, g))
+    yield ("gla", "xla", gla("xla"), (q, k, v, g))
 
   for t in lengths:
-    for op, impl, fn, args, note in ops(t):
+    for op, impl, fn, args in ops(t):
       if time.monotonic() - start > budget_s:
         skipped.append(f"{op}/{impl}@{t}")
         continue
-      fwd = jax.jit(fn)
-      loss = lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32))
-      fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
-      row = dict(op=op, impl=impl, t=t, note=note)
+      row = dict(op=op, impl=impl, t=t, note="")
       try:
-        row["fwd_ms"] = bm.time_ms(fwd, *args, repeats=repeats)
-        row["fwd_bwd_ms"] = bm.time_ms(fwd_bwd, *args, repeats=repeats)
+        row["fwd_ms"], row["fwd_bwd_ms"] = _fwd_and_fwd_bwd_ms(fn, args, repeats)
       except Exception as e:  # a reference implementation that does not run here (e.g. cuDNN)
         if op != "jax.nn.dot_product_attention":
           raise
         row["note"] = f"{impl} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
         if impl == "cudnn":
           row["impl"] = "xla"
-          fwd = jax.jit(lambda q, k, v: _dpa(q, k, v, "xla"))
-          fwd_bwd = jax.jit(jax.grad(lambda *a: jnp.sum(_dpa(*a, "xla").astype(jnp.float32)),
-                                     argnums=(0, 1, 2)))
-          row["fwd_ms"] = bm.time_ms(fwd, *args, repeats=repeats)
-          row["fwd_bwd_ms"] = bm.time_ms(fwd_bwd, *args, repeats=repeats)
+          row["fwd_ms"], row["fwd_bwd_ms"] = _fwd_and_fwd_bwd_ms(
+              lambda q, k, v: _dpa(q, k, v, "xla"), args, repeats)
       rows.append(row)
   return rows, skipped
 

@@ -25,15 +25,17 @@ if not _CACHE:
   _CACHE = tempfile.mkdtemp(prefix="lctx-test-jax-cache-")
   os.environ["LCTX_TEST_JAX_CACHE"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
-os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# Set in this process's jax config and, as JAX_* variables, for every subprocess.
+_CACHE_SETTINGS = {"jax_compilation_cache_dir": _CACHE,
+                   "jax_persistent_cache_min_compile_time_secs": 0.2,
+                   "jax_persistent_cache_min_entry_size_bytes": 0}
+for _name, _value in _CACHE_SETTINGS.items():
+  os.environ[_name.upper()] = str(_value)
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+for _name, _value in _CACHE_SETTINGS.items():
+  jax.config.update(_name, _value)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402

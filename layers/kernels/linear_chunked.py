@@ -169,7 +169,12 @@ def _make_core(scale: float, sub: int):
 # Validation, padding and layout.
 
 
-def check_inputs(name, q, k, v, gk, initial_state, segment_ids, chunk_size):
+def check_inputs(name, q, k, v, gk, initial_state, segment_ids, chunk_size, scale) -> float:
+  """ValueErrors naming `name` and the argument; returns scale as a Python float (it is static)."""
+  try:
+    scale = float(scale)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name}: scale={scale!r} must be a Python number (it is static)") from e
   if q.ndim != 4:
     raise ValueError(f"{name}: q must be [batch, time, heads, dk], got shape {q.shape}")
   b, t, h, dk = q.shape
@@ -186,13 +191,20 @@ def check_inputs(name, q, k, v, gk, initial_state, segment_ids, chunk_size):
     raise ValueError(f"{name}: segment_ids shape {segment_ids.shape} must be {(b, t)}")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"{name}: chunk_size={chunk_size!r} must be a positive integer")
+  return scale
+
+
+def split_chunks(x, n, chunk, width=None):
+  """[B, T, H, d] -> [B, N, C, H, width], zero-padding T to n * chunk and d to width."""
+  b, t, h, d = x.shape
+  width = width or d
+  x = jnp.pad(x, ((0, 0), (0, n * chunk - t), (0, 0), (0, width - d)))
+  return x.reshape(b, n, chunk, h, width)
 
 
 def _to_chunks(x, n, chunk):
   """[B, T, H, d] -> [N, B, H, C, d], zero-padding T to n * chunk."""
-  b, t, h, d = x.shape
-  x = jnp.pad(x, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0)))
-  return x.reshape(b, n, chunk, h, d).transpose(1, 0, 3, 2, 4)
+  return split_chunks(x, n, chunk).transpose(1, 0, 3, 2, 4)
 
 
 def _from_chunks(x, t):
@@ -254,11 +266,7 @@ def chunked_linear_attention(q, k, v, gk=None, *, scale: float, initial_state=No
     (o [b, t, h, dv] in q's dtype, final_state [b, h, dk, dv] float32). Differentiable in q, k,
     v, gk and initial_state through a hand-written backward.
   """
-  name = "chunked_linear_attention"
-  try:
-    scale = float(scale)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{name}: scale={scale!r} must be a Python number (it is static)") from e
-  check_inputs(name, q, k, v, gk, initial_state, segment_ids, chunk_size)
+  scale = check_inputs("chunked_linear_attention", q, k, v, gk, initial_state, segment_ids,
+                       chunk_size, scale)
   return _run_chunked(q, k, v, gk, scale=scale, initial_state=initial_state,
                       segment_ids=segment_ids, chunk_size=chunk_size)
