@@ -77,8 +77,12 @@ def test_xla_matches_reference(case):
   check_against_reference("xla", case)
 
 
+@pytest.mark.parametrize("target", [None, "gpu"])
 @pytest.mark.parametrize("case", PALLAS_CASES, ids=str)
-def test_pallas_matches_reference(case):
+def test_pallas_matches_reference(monkeypatch, case, target):
+  # None: the grid walks the key blocks with the state in scratch (TPU's walk, interpreted);
+  # "gpu": each program loops over its blocks on power-of-two tiles (Triton's walk, interpreted).
+  monkeypatch.setattr(flash_pallas, "_target", lambda interpret: target)
   check_against_reference("pallas", case)
 
 
