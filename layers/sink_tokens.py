@@ -21,6 +21,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from layers.kernels import flash_common as fc
 from layers.kernels.attention_reference import dot_product_attention, self_attention_mask
 from layers.softmax_attention import (FAMILY, KVCache, cached_attention, softmax_attention,
                                       validate_arguments)
@@ -94,10 +95,7 @@ def merge_sink_tokens(out, lse, q, sink_k, sink_v, *, scale: float | None):
   probs = jnp.exp(logits - lse_s[..., None])
   out_s = jnp.einsum("btkgn,nkd->btkgd", probs, sink_v.astype(f32)).reshape(b, t, h, d)
   lse_s = lse_s.reshape(b, t, h)
-  lse = lse.astype(f32)
-  total = jnp.logaddexp(lse, lse_s)
-  merged = (jnp.exp(lse - total)[..., None] * out.astype(f32)
-            + jnp.exp(lse_s - total)[..., None] * out_s)
+  merged, _ = fc.merge_partials(out, lse.astype(f32)[..., None], out_s, lse_s[..., None])
   return merged.astype(out.dtype)
 
 

@@ -2,8 +2,11 @@
 
 Both take GLOBAL [b, t, ...] arrays in a layout's order (sharding/layout.py) and run one
 `jax.shard_map` over the plan's mesh: batch over the data-parallel axes, length over `seq`, heads
-over `tensor` (sharding/specs.py). Inside, a rank runs the chunk-pair block step of
-layers/kernels/attention_blocks.py against the keys that the communication schedule brings it:
+over `tensor` (sharding/specs.py). Inside, a rank runs a chunk-pair block step against the keys
+that the communication schedule brings it: `impl="xla"`, the tile loops of
+layers/kernels/attention_blocks.py, or `impl="pallas"`, the flash kernels per chunk pair
+(layers/kernels/attention_blocks_pallas.py; both modules have the same functions, each over its
+own blocked layout of the queries, and share the travelling [K; V] layout):
 
 ring       sharding/ring.py rotates the [K; V] shard (and the keys' segment ids) around the ring
            with one ppermute per step; the backward rotates K, V again with the float32 [dK; dV]
@@ -41,8 +44,10 @@ import numpy as np
 from jax import lax
 
 from layers.kernels import attention_blocks as ab
+from layers.kernels import attention_blocks_pallas as abp
 from layers.kernels import dispatch
 from layers.kernels import flash_common as fc
+from layers.kernels import flash_pallas as fp
 from layers.sink_tokens import check_sink_tokens, merge_sink_tokens, sink_token_attention
 from layers.softmax_attention import softmax_attention, validate_arguments
 from sharding import lasp2, ring, specs
@@ -52,8 +57,19 @@ from sharding.plan import ExecutionPlan
 log = logging.getLogger("lctx.sharding")
 
 
-def _prepare(what, q, k, v, *, layout, scale, window, segment_ids, sinks, mesh, block_size):
+_STEPS = {"xla": ab, "pallas": abp}
+
+
+def _step(st: ab.Tiles):
+  """The block step module of st.impl (the same functions over each one's blocked layout)."""
+  return _STEPS[st.impl]
+
+
+def _prepare(what, q, k, v, *, layout, scale, window, segment_ids, sinks, mesh, block_size,
+             impl, interpret):
   """Validates a call; returns (Tiles, scale). Raises ValueErrors naming the settings."""
+  if impl not in _STEPS:
+    raise ValueError(f"{what}: impl={impl!r} must be one of {tuple(_STEPS)} (the block step)")
   validate_arguments(q, k, v, scale, True, window, segment_ids, sinks, block_size)
   if not isinstance(layout, SeqLayout):
     raise ValueError(f"{what}: layout must be a sharding.layout.SeqLayout, got {layout!r}")
@@ -65,39 +81,49 @@ def _prepare(what, q, k, v, *, layout, scale, window, segment_ids, sinks, mesh, 
                      f"MeshConfig.seq={specs.seq_degree(mesh)}")
   specs.check_divisible(mesh, batch=b, heads=h, kv_heads=k.shape[2], what=what)
   chunk = t // layout.num_chunks
-  block_q, block_k = fc.resolve_blocks(block_size, chunk, "xla")
+  block_q, block_k = fc.resolve_blocks(block_size, chunk, impl)
+  if impl == "pallas":
+    interpret, block_q, block_k, _ = fp.fit_blocks(interpret, block_q, block_k, q.shape[-1])
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   window = None if window is None else int(window)
-  return ab.Tiles(layout, window, chunk, block_q, block_k, h // k.shape[2]), scale
+  return ab.Tiles(layout, window, chunk, block_q, block_k, h // k.shape[2], impl,
+                  interpret), scale
 
 
-def _run_sharded(mesh, local_fn, q, k, v, segment_ids, sinks, with_lse: bool):
-  """jax.shard_map of local_fn(q, k, v, segment_ids, sinks) with the activation specs."""
+def _run_sharded(st: ab.Tiles, mesh, local_fn, q, k, v, segment_ids, sinks, with_lse: bool):
+  """jax.shard_map of local_fn(q, k, v, segment_ids, sinks) with the activation specs.
+
+  The Pallas step runs with check_vma=False: JAX's Pallas interpreter cannot evaluate
+  scalar-prefetched index maps on varying values. The schedules' collectives are explicit either
+  way, and the replicated sinks' cotangent is still summed over the mesh by the transpose.
+  """
   hs = specs.heads_spec(mesh)
   out_specs = (hs, jax.P(*hs[:3])) if with_lse else hs
   fn = jax.shard_map(local_fn, mesh=mesh, out_specs=out_specs,
-                     in_specs=(hs, hs, hs, specs.tokens_spec(mesh), specs.per_head_spec(mesh)))
+                     in_specs=(hs, hs, hs, specs.tokens_spec(mesh), specs.per_head_spec(mesh)),
+                     check_vma=st.impl == "xla")
   return fn(q, k, v, segment_ids, sinks)
 
 
 def _outputs(st: ab.Tiles, out, lse, dtype, with_lse: bool):
   """Unblocks the finalized (out, lse [chunks, nq, b, hk, rows, 1]) into [b, L, h, d] (and
   [b, L, h] float32 with with_lse)."""
-  out = ab.unblock_queries(st, out.astype(dtype))
+  out = _step(st).unblock_queries(st, out.astype(dtype))
   if not with_lse:
     return out
-  return out, ab.unblock_queries(st, lse)[..., 0]
+  return out, _step(st).unblock_queries(st, lse)[..., 0]
 
 
 def _deltas(st: ab.Tiles, out, cotangent, with_lse: bool):
   """Blocked (dout, delta) of the backward; lse's cotangent folds into delta."""
   dout, dlse = fc.split_cotangent(cotangent, with_lse)
   delta = fc.out_delta(out, dout, None if dlse is None else dlse[..., None])
-  return ab.block_queries(st, dout), ab.block_queries(st, delta)
+  return _step(st).block_queries(st, dout), _step(st).block_queries(st, delta)
 
 
 def ring_attention(q, k, v, *, layout, mesh, scale=None, window=None, segment_ids=None,
-                   sinks=None, block_size=None, return_lse: bool = False):
+                   sinks=None, block_size=None, return_lse: bool = False, impl: str = "xla",
+                   interpret=None):
   """Causal (GQA) softmax self-attention by ring attention over the mesh's `seq` axis.
 
   Args:
@@ -109,19 +135,24 @@ def ring_attention(q, k, v, *, layout, mesh, scale=None, window=None, segment_id
     window: a query sees itself plus `window` earlier keys; None: unbounded.
     segment_ids: optional int [b, t] (layout order); queries see only keys of their segment.
     sinks: optional float [h] sink logits (join every row's softmax denominator, no value).
-    block_size: tile size, an int or (block_q, block_k); None: 512, shrunk to the chunk length.
+    block_size: tile size, an int or (block_q, block_k); None: the block step's entry of
+      flash_common.DEFAULT_BLOCKS, shrunk to the chunk length.
     return_lse: also return the rows' logsumexp [b, t, h] float32 (layout order).
+    impl: the block step, "xla" (tile loops in JAX) or "pallas" (the flash kernels per chunk
+      pair, layers/kernels/attention_blocks_pallas.py).
+    interpret: the Pallas step's interpret setting (None: interpret exactly on CPU).
   Returns:
     [b, t, h, d] in q's dtype, in layout order; with return_lse the pair (that, lse).
   """
   st, scale = _prepare("ring_attention", q, k, v, layout=layout, scale=scale, window=window,
-                       segment_ids=segment_ids, sinks=sinks, mesh=mesh, block_size=block_size)
+                       segment_ids=segment_ids, sinks=sinks, mesh=mesh, block_size=block_size,
+                       impl=impl, interpret=interpret)
   with_lse = bool(return_lse)
 
   def local(q, k, v, seg, sinks):
     return _ring(st, scale, with_lse, q, k, v, seg, ab.local_sinks(st, sinks, q))
 
-  return _run_sharded(mesh, local, q, k, v, segment_ids, sinks, with_lse)
+  return _run_sharded(st, mesh, local, q, k, v, segment_ids, sinks, with_lse)
 
 
 def _ring_pairs(st: ab.Tiles, offset: int):
@@ -149,26 +180,26 @@ def _src_ids(st: ab.Tiles, r, offset):
 
 def _keys(st: ab.Tiles, k, v, seg):
   """The own shard as it travels: (stacked K, V [chunks, 2, ...], key segment ids or None)."""
-  return ab.block_kv(st, k, v), ab.block_segments(st, seg, queries=False)
+  return ab.block_kv(st, k, v), _step(st).block_segments(st, seg, queries=False)
 
 
 def _ring_forward(st: ab.Tiles, scale, q, k, v, seg, sinks_hg):
   """Returns the finalized blocked (out float32, lse [chunks, nq, b, hk, rows, 1])."""
   r = lax.axis_index(specs.SEQ_AXIS)
   q_ids = st.layout.local_chunk_ids(r)
-  qb, q_seg = ab.block_scaled_queries(st, q, scale), ab.block_segments(st, seg, queries=True)
+  qb, q_seg = _step(st).block_scaled_queries(st, q, scale), _step(st).block_segments(st, seg, queries=True)
   keys = _keys(st, k, v, seg)
-  state = ab.attend_forward(st, ab.init_state(st, qb, sinks_hg), qb, q_seg, q_ids, *keys, q_ids,
+  state = _step(st).attend_forward(st, _step(st).init_state(st, qb, sinks_hg), qb, q_seg, q_ids, *keys, q_ids,
                             _ring_pairs(st, 0))
   for direction, steps in ring_chains(st):
     pairs = _chain_pairs(st, direction, steps)
 
     def attend(state, held, j, direction=direction, pairs=pairs):
-      return ab.attend_forward(st, state, qb, q_seg, q_ids, *held,
+      return _step(st).attend_forward(st, state, qb, q_seg, q_ids, *held,
                                _src_ids(st, r, direction * j), pairs)
 
     state = ring.rotate(direction, steps, state, keys, attend, shards=st.layout.shards)
-  return fc.finalize(state)
+  return _step(st).finalize(state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -196,28 +227,28 @@ def _ring_bwd(st, scale, with_lse, res, cotangent):
   q, k, v, seg, sinks_hg, out, lse = res
   r = lax.axis_index(specs.SEQ_AXIS)
   q_ids = st.layout.local_chunk_ids(r)
-  qb = ab.block_scaled_queries(st, q, scale)
+  qb = _step(st).block_scaled_queries(st, q, scale)
   dob, delta = _deltas(st, out, cotangent, with_lse)
-  common = (qb, dob, lse, delta, ab.block_segments(st, seg, queries=True), q_ids)
-  axes = ab.axes_of(qb)
-  dq, dkv = ab.vary(jnp.zeros(qb.shape, jnp.float32), axes), None
+  common = (qb, dob, lse, delta, _step(st).block_segments(st, seg, queries=True), q_ids)
+  axes = specs.axes_of(qb)
+  dq, dkv = specs.vary(jnp.zeros(qb.shape, jnp.float32), axes), None
   keys = _keys(st, k, v, seg)
   for direction, steps in ring_chains(st):
     pairs = _chain_pairs(st, direction, steps)
 
     def attend(grads, held, j, direction=direction, pairs=pairs):
-      return ab.attend_backward(st, grads, *common, *held, _src_ids(st, r, direction * j), pairs)
+      return _step(st).attend_backward(st, grads, *common, *held, _src_ids(st, r, direction * j), pairs)
 
-    acc = ab.vary(jnp.zeros(keys[0].shape, jnp.float32), axes)
+    acc = specs.vary(jnp.zeros(keys[0].shape, jnp.float32), axes)
     dq, back = ring.rotate_accumulate(direction, steps, dq, acc, keys, attend,
                                       shards=st.layout.shards)
     dkv = back if dkv is None else dkv + back
   if dkv is None:  # a single rank
-    dkv = ab.vary(jnp.zeros(keys[0].shape, jnp.float32), axes)
-  dq, dkv = ab.attend_backward(st, (dq, dkv), *common, *keys, q_ids, _ring_pairs(st, 0))
-  dsinks = None if sinks_hg is None else ab.sinks_grad(st, sinks_hg, lse, delta)
+    dkv = specs.vary(jnp.zeros(keys[0].shape, jnp.float32), axes)
+  dq, dkv = _step(st).attend_backward(st, (dq, dkv), *common, *keys, q_ids, _ring_pairs(st, 0))
+  dsinks = None if sinks_hg is None else _step(st).sinks_grad(st, sinks_hg, lse, delta)
   dk, dv = ab.unblock_kv(st, dkv)
-  return ((ab.unblock_queries(st, dq) * scale).astype(q.dtype), dk.astype(k.dtype),
+  return ((_step(st).unblock_queries(st, dq) * scale).astype(q.dtype), dk.astype(k.dtype),
           dv.astype(v.dtype), None, dsinks)
 
 
@@ -225,13 +256,15 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def allgather_attention(q, k, v, *, layout, mesh, scale=None, window=None, segment_ids=None,
-                        sinks=None, block_size=None, return_lse: bool = False):
+                        sinks=None, block_size=None, return_lse: bool = False,
+                        impl: str = "xla", interpret=None):
   """Causal (GQA) softmax self-attention with all-gathered K, V over the mesh's `seq` axis.
 
   Arguments and result as in `ring_attention`.
   """
   st, scale = _prepare("allgather_attention", q, k, v, layout=layout, scale=scale, window=window,
-                       segment_ids=segment_ids, sinks=sinks, mesh=mesh, block_size=block_size)
+                       segment_ids=segment_ids, sinks=sinks, mesh=mesh, block_size=block_size,
+                       impl=impl, interpret=interpret)
   with_lse = bool(return_lse)
 
   def local(q, k, v, seg, sinks):
@@ -241,7 +274,7 @@ def allgather_attention(q, k, v, *, layout, mesh, scale=None, window=None, segme
     k_seg = None if seg is None else lasp2.all_gather_seq(seg, axis=1)
     return _gathered(st, scale, with_lse, q, kv, seg, k_seg, ab.local_sinks(st, sinks, q))
 
-  return _run_sharded(mesh, local, q, k, v, segment_ids, sinks, with_lse)
+  return _run_sharded(st, mesh, local, q, k, v, segment_ids, sinks, with_lse)
 
 
 def _gathered_pairs(st: ab.Tiles):
@@ -250,13 +283,13 @@ def _gathered_pairs(st: ab.Tiles):
 
 def _gathered_forward(st: ab.Tiles, scale, q, kv, seg, k_seg, sinks_hg):
   q_ids = st.layout.local_chunk_ids(lax.axis_index(specs.SEQ_AXIS))
-  qb = ab.block_scaled_queries(st, q, scale)
-  state = ab.attend_forward(st, ab.init_state(st, qb, sinks_hg), qb,
-                            ab.block_segments(st, seg, queries=True), q_ids, kv,
-                            ab.block_segments(st, k_seg, queries=False),
+  qb = _step(st).block_scaled_queries(st, q, scale)
+  state = _step(st).attend_forward(st, _step(st).init_state(st, qb, sinks_hg), qb,
+                            _step(st).block_segments(st, seg, queries=True), q_ids, kv,
+                            _step(st).block_segments(st, k_seg, queries=False),
                             jnp.asarray(st.layout.chunk_table().reshape(-1)),
                             _gathered_pairs(st))
-  return fc.finalize(state)
+  return _step(st).finalize(state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -274,17 +307,17 @@ def _gathered_fwd(st, scale, with_lse, q, kv, seg, k_seg, sinks_hg):
 def _gathered_bwd(st, scale, with_lse, res, cotangent):
   q, kv, seg, k_seg, sinks_hg, out, lse = res
   q_ids = st.layout.local_chunk_ids(lax.axis_index(specs.SEQ_AXIS))
-  qb = ab.block_scaled_queries(st, q, scale)
+  qb = _step(st).block_scaled_queries(st, q, scale)
   dob, delta = _deltas(st, out, cotangent, with_lse)
-  axes = ab.axes_of(qb)
-  grads = ab.vary((jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kv.shape, jnp.float32)), axes)
-  dq, dkv = ab.attend_backward(st, grads, qb, dob, lse, delta,
-                               ab.block_segments(st, seg, queries=True), q_ids, kv,
-                               ab.block_segments(st, k_seg, queries=False),
+  axes = specs.axes_of(qb)
+  grads = specs.vary((jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kv.shape, jnp.float32)), axes)
+  dq, dkv = _step(st).attend_backward(st, grads, qb, dob, lse, delta,
+                               _step(st).block_segments(st, seg, queries=True), q_ids, kv,
+                               _step(st).block_segments(st, k_seg, queries=False),
                                jnp.asarray(st.layout.chunk_table().reshape(-1)),
                                _gathered_pairs(st))
-  dsinks = None if sinks_hg is None else ab.sinks_grad(st, sinks_hg, lse, delta)
-  return ((ab.unblock_queries(st, dq) * scale).astype(q.dtype), dkv.astype(kv.dtype), None,
+  dsinks = None if sinks_hg is None else _step(st).sinks_grad(st, sinks_hg, lse, delta)
+  return ((_step(st).unblock_queries(st, dq) * scale).astype(q.dtype), dkv.astype(kv.dtype), None,
           None, dsinks)
 
 
@@ -311,14 +344,17 @@ def parallel_softmax_attention(plan: ExecutionPlan | None, q, k, v, *, window=No
     return softmax_attention(q, k, v, window=window, segment_ids=segment_ids, sinks=sinks,
                              impl=impl, block_size=block_size)
   chosen = dispatch.resolve_impl("softmax_attention", impl)
-  if chosen != "xla":
-    log.warning("softmax attention: sequence-parallel %s runs the xla block step; impl=%r "
-                "(-> %s) has no block step of its own yet", method, impl, chosen)
-  log.info("softmax attention: sequence-parallel %s over %d ranks, %s layout", method,
-           plan.layout.shards, plan.layout.kind)
+  step = chosen
+  if chosen == "reference":
+    # The oracle is a dense single-device softmax: there is no reference block step.
+    log.warning("softmax attention: sequence-parallel %s has no reference block step; "
+                "impl='reference' runs the xla block step", method)
+    step = "xla"
+  log.info("softmax attention: sequence-parallel %s over %d ranks, %s layout, %s block step",
+           method, plan.layout.shards, plan.layout.kind, step)
   fn = METHODS[method]
   kwargs = dict(layout=plan.layout, mesh=plan.mesh, window=window, segment_ids=segment_ids,
-                sinks=sinks, block_size=block_size)
+                sinks=sinks, block_size=block_size, impl=step)
   if sink_tokens is None:
     return fn(q, k, v, **kwargs)
   check_sink_tokens(*sink_tokens, q.shape[2], q.shape[3], k.shape[2])

@@ -6,6 +6,8 @@ sharding.mesh have all four axes; a mesh with fewer (a test's ("seq",) mesh) is 
 axes are left out of the specs.
 """
 
+import jax
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 SEQ_AXIS = "seq"
@@ -73,3 +75,18 @@ def check_divisible(mesh, *, batch: int, heads: int, kv_heads: int, what: str) -
   if heads % nh or kv_heads % nh:
     raise ValueError(f"{what}: heads {heads} and kv heads {kv_heads} must be divisible by "
                      f"MeshConfig.tensor={nh}")
+
+
+def vary(tree, axes):
+  """Marks the leaves of `tree` as varying over the manual mesh `axes` (for loop carries that
+  start from constants, and for replicated inputs whose gradient must be summed by autodiff)."""
+
+  def one(x):
+    missing = tuple(sorted(set(axes) - jax.typeof(x).manual_axis_type.varying))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(one, tree)
+
+
+def axes_of(x):
+  return jax.typeof(x).manual_axis_type.varying

@@ -35,7 +35,7 @@ def rel_err(a, b):
   return np.abs(a - b).max() / np.abs(b).max()
 
 def case(p, kind, t, *, b=1, h=4, hk=2, d=5, window=None, seg=False, sinks=False, block=None,
-         shape=None, axes=("seq",), set_mesh=False, lse=False):
+         shape=None, axes=("seq",), set_mesh=False, lse=False, impl="xla"):
   mesh = make_mesh(shape or (p,), axes)
   lay = SeqLayout(kind, p)
   rng = np.random.default_rng(t + p)
@@ -63,7 +63,8 @@ def case(p, kind, t, *, b=1, h=4, hk=2, d=5, window=None, seg=False, sinks=False
     def attend(q, k, v, s):
       lo = lay.to_layout
       o = fn(lo(q), lo(k), lo(v), layout=lay, window=window, sinks=s, block_size=block,
-             segment_ids=None if sid is None else lo(sid), mesh=mesh, return_lse=lse)
+             segment_ids=None if sid is None else lo(sid), mesh=mesh, return_lse=lse,
+             impl=impl)
       return jax.tree.map(lay.from_layout, o)
     if set_mesh:
       with jax.set_mesh(mesh):
@@ -72,8 +73,8 @@ def case(p, kind, t, *, b=1, h=4, hk=2, d=5, window=None, seg=False, sinks=False
       (_, o), g = grads(attend)
     pairs = zip(jax.tree.leaves((o, g)), jax.tree.leaves((o_ref, g_ref)))
     errs = [rel_err(x, y) for x, y in pairs]
-    assert max(errs) <= 1e-5, (fn.__name__, p, kind, t, window, errs)
-  print("ok", p, kind, t, window)
+    assert max(errs) <= 1e-5, (fn.__name__, impl, p, kind, t, window, errs)
+  print("ok", p, kind, t, window, impl)
 """
 
 
@@ -93,6 +94,44 @@ def test_matches_reference_on_seq_meshes():
     case(8, "zigzag", 64, d=7, block=3, sinks=True)
   """)
   assert out.count("ok") == 8, out
+
+
+def test_pallas_block_step_matches_reference():
+  # The flash kernels (interpreted) as the block step of both methods: the grid walk (TPU's) on
+  # zigzag / windowed / GQA cases, and the Triton walk (power-of-two tiles, padded head_dim).
+  out = _run("""
+    case(4, "zigzag", 48, block=4, window=9, seg=True, sinks=True, lse=True, impl="pallas")
+    case(8, "zigzag", 64, d=7, window=20, seg=True, sinks=True, impl="pallas")
+
+    # What a layer calls: the plan's method with impl="pallas" runs this step (logged), and sink
+    # tokens merge by its logsumexp, in value and every gradient.
+    import logging
+    from layers.sink_tokens import sink_token_attention_reference
+    from layers.softmax_parallel import parallel_softmax_attention
+    from sharding.plan import ExecutionPlan
+    logging.basicConfig(level=logging.INFO, stream=__import__("sys").stdout)
+    mesh, lay = make_mesh((4,), ("seq",)), SeqLayout("zigzag", 4)
+    plan = ExecutionPlan(mesh, lay, softmax="allgather")
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 32, n, 6)), jnp.float32) for n in (4, 2, 2))
+    sk, sv = (jnp.asarray(rng.normal(size=(3, 2, 6)), jnp.float32) for _ in range(2))
+    def loss(fn):
+      return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=range(5)))(
+          q, k, v, sk, sv)
+    lo = lay.to_layout
+    got = loss(lambda q, k, v, sk, sv: lay.from_layout(parallel_softmax_attention(
+        plan, lo(q), lo(k), lo(v), sink_tokens=(sk, sv), impl="pallas", block_size=8)))
+    want = loss(lambda q, k, v, sk, sv: sink_token_attention_reference(q, k, v, sk, sv))
+    errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+    assert max(errs) <= 1e-5, errs
+    print("ok sink tokens")
+
+    from layers.kernels import flash_pallas
+    flash_pallas._target = lambda interpret: "gpu"
+    case(2, "contiguous", 40, d=7, block=8, seg=True, sinks=True, lse=True, impl="pallas")
+  """)
+  assert sum(line.startswith("ok") for line in out.splitlines()) == 4, out
+  assert "sequence-parallel allgather over 4 ranks, zigzag layout, pallas block step" in out, out
 
 
 def test_composed_meshes_and_collective_counts():
@@ -152,6 +191,8 @@ def test_composed_meshes_and_collective_counts():
 def test_errors_name_the_settings():
   x = jnp.ones((1, 30, 2, 4))
   for fn in (ring_attention, allgather_attention):
+    with pytest.raises(ValueError, match=r"impl='fast' must be one of \('xla', 'pallas'\)"):
+      fn(x, x, x, layout=SeqLayout("contiguous", 2), mesh=None, impl="fast")
     with pytest.raises(ValueError, match=r"not divisible by 8.*layout='zigzag'.*MeshConfig.seq=4"):
       fn(x, x, x, layout=SeqLayout("zigzag", 4), mesh=None)
     with pytest.raises(ValueError, match=r"not divisible by 4.*MeshConfig.seq=4"):

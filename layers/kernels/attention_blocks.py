@@ -1,5 +1,7 @@
-"""Blockwise causal attention between layout chunks: the block step of the sequence-parallel
-softmax ops (layers/softmax_parallel.py: ring attention and LASP-2H).
+"""Blockwise causal attention between layout chunks: the xla block step of the
+sequence-parallel softmax ops (layers/softmax_parallel.py: ring attention and LASP-2H), and the
+pieces every block step shares (Tiles, the pair tables, the travelling [K; V] layout).
+attention_blocks_pallas.py is the Pallas step with the same functions.
 
 Inside jax.shard_map a rank holds `layout.chunks_per_shard` query chunks of `chunk` tokens each;
 the keys it attends to come in chunks of the same length (one shard per ring step, or all of them
@@ -28,6 +30,7 @@ are made.
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +53,8 @@ class Tiles:
   block_q: int
   block_k: int
   group: int  # query heads per kv head
+  impl: str = "xla"  # the block step: "xla" (this module) or "pallas" (attention_blocks_pallas)
+  interpret: Any = None  # the Pallas step's interpret setting (None: where Pallas cannot compile)
 
   @property
   def q_pad(self) -> int:
@@ -62,21 +67,6 @@ class Tiles:
   @property
   def kv_len(self) -> int | None:
     return self.chunk if self.k_pad != self.chunk else None
-
-
-def vary(tree, axes):
-  """Marks the leaves of `tree` as varying over the manual mesh `axes` (for loop carries that
-  start from constants, and for replicated inputs whose gradient must be summed by autodiff)."""
-
-  def one(x):
-    missing = tuple(sorted(set(axes) - jax.typeof(x).manual_axis_type.varying))
-    return lax.pcast(x, missing, to="varying") if missing else x
-
-  return jax.tree.map(one, tree)
-
-
-def axes_of(x):
-  return jax.typeof(x).manual_axis_type.varying
 
 
 def visible(st: Tiles, rel):
@@ -158,7 +148,7 @@ def sink_rows(st: Tiles, sinks_hg):
 
 def init_state(st: Tiles, qb, sinks_hg):
   """Online-softmax state (m, l, acc), each [chunks, nq, b, hk, rows, 1 or d], varying like qb."""
-  return vary(fc.init_state(qb.shape[:-1], qb.shape[-1], sink_rows(st, sinks_hg)), axes_of(qb))
+  return specs.vary(fc.init_state(qb.shape[:-1], qb.shape[-1], sink_rows(st, sinks_hg)), specs.axes_of(qb))
 
 
 def sinks_grad(st: Tiles, sinks_hg, lse, delta):
@@ -278,6 +268,11 @@ def attend_backward(st: Tiles, grads, qb, dob, lse, delta, q_seg, q_ids, kv, k_s
   return _over_pairs(st, pairs, grads, q_seg, q_ids, k_seg, k_ids, tile_step)
 
 
+def finalize(state):
+  """(out float32, lse) of the online-softmax state (m, l, acc)."""
+  return fc.finalize(state)
+
+
 def _at(x, i):
   return None if x is None else lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
 
@@ -290,5 +285,5 @@ def block_scaled_queries(st: Tiles, q, scale: float):
 def local_sinks(st: Tiles, sinks, like):
   """[h] sinks -> [hk, g], marked varying over the axes of `like` so that autodiff sums their
   per-rank gradients over the mesh (None stays None)."""
-  return None if sinks is None else vary(sinks.reshape(-1, st.group), axes_of(like))
+  return None if sinks is None else specs.vary(sinks.reshape(-1, st.group), specs.axes_of(like))
 

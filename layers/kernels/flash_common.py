@@ -153,6 +153,20 @@ def dv_part(p, do):
   return dot_tn(p.astype(do.dtype), do)
 
 
+def merge_partials(out_a, lse_a, out_b, lse_b):
+  """Softmax attention over the union of two disjoint key sets, from each part's normalized
+  output and row logsumexp ([..., 1] or broadcastable): (out float32, lse).
+
+  A part with lse = -inf (it saw no key) gets exactly zero weight; if neither saw a key the
+  result is out 0, lse -inf.
+  """
+  lse = jnp.logaddexp(lse_a, lse_b)
+  ref = jnp.where(lse == -jnp.inf, 0.0, lse)
+  out = (jnp.exp(lse_a - ref) * out_a.astype(jnp.float32)
+         + jnp.exp(lse_b - ref) * out_b.astype(jnp.float32))
+  return out, lse
+
+
 def out_delta(out, dout, dlse=None):
   """The softmax-backward correction term rowsum(dout * out) - dlse in float32, as [..., 1].
 

@@ -41,6 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 from layers.kernels import dispatch
 from layers.kernels import flash_common as fc
 from layers.kernels import flash_pallas_kernels as fk
+from sharding import specs
 
 F32 = jnp.float32
 _SQ = pl.squeezed
@@ -101,6 +102,13 @@ def fit_to_target(target: str | None, bq: int, bk: int, d: int) -> tuple[int, in
   if target == "tpu":
     return bq, fc.round_up(bk, 128), d
   return bq, bk, d
+
+
+def fit_blocks(interpret, bq: int, bk: int, d: int):
+  """(interpret, block_q, block_k, padded head_dim) for this backend; interpret None means
+  interpret exactly where Pallas cannot compile (CPU)."""
+  interpret = dispatch.pallas_interpret() if interpret is None else interpret
+  return (interpret,) + fit_to_target(_target(interpret), bq, bk, d)
 
 
 def make_static(*, scale, causal, window, block_q, block_k, kv_len, group, has_seg, has_sinks,
@@ -173,6 +181,13 @@ def _clamped(j, lo, hi, n):
 
 def _call(st: Static, name, kernel, grid, in_specs, out_shape, out_specs, scratch, args, cost,
           d):
+  # Inside jax.shard_map (check_vma=True) the outputs must say over which mesh axes they vary:
+  # the union of the operands' axes, to which every operand is cast.
+  axes = frozenset().union(*(specs.axes_of(x) for x in args))
+  args = specs.vary(args, axes)
+  mat = jax.typeof(args[0]).manual_axis_type
+  out_shape = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape)
   common = dict(out_shape=out_shape, interpret=st.interpret, name=name,
                 compiler_params=_compiler_params(st, d), cost_estimate=cost)
   if st.loop:
@@ -326,9 +341,7 @@ def flash_attention_pallas(q, k, v, *, scale: float, causal: bool = True,
   """
   b, t, h, d = q.shape
   hk = k.shape[2]
-  interpret = dispatch.pallas_interpret() if interpret is None else interpret
-  bq, bk = fc.resolve_blocks(block_size, t, "pallas")
-  bq, bk, dp = fit_to_target(_target(interpret), bq, bk, d)
+  interpret, bq, bk, dp = fit_blocks(interpret, *fc.resolve_blocks(block_size, t, "pallas"), d)
   tq, tk = fc.round_up(t, bq), fc.round_up(t, bk)
   # Under a causal mask with rel = 0, padded keys (index >= t) are invisible to every real query.
   kv_len = t if (tk != t and not causal) else None
