@@ -120,7 +120,9 @@ def test_pallas_kernels_lower_for_gpu_and_tpu(monkeypatch, target):
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
   exported = export.export(grad, platforms=[platform], disabled_checks=checks)(q, k, v, s)
   text = exported.mlir_module()
-  assert text.count("xla.gpu.triton" if target == "gpu" else "tpu_custom_call") == 3
+  # GPU: forward and one fused backward (atomic dq); TPU: forward, dq and dk/dv.
+  assert text.count("xla.gpu.triton" if target == "gpu" else "tpu_custom_call") == (
+      2 if target == "gpu" else 3)
 
 
 def test_reference_sinks_match_a_loop():
@@ -312,4 +314,4 @@ def test_flash_kernels_export_for_cuda_and_tpu_at_32k(monkeypatch, target):
       fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
       text = export.export(fn, platforms=[platform], disabled_checks=checks)(
           q, kv, kv, seg, sinks).mlir_module()
-      assert text.count(kernel) == 3, (d, variant, text.count(kernel))
+      assert text.count(kernel) == (2 if target == "gpu" else 3), (d, variant, text.count(kernel))

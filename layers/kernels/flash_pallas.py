@@ -180,7 +180,7 @@ def _clamped(j, lo, hi, n):
 
 
 def _call(st: Static, name, kernel, grid, in_specs, out_shape, out_specs, scratch, args, cost,
-          d):
+          d, aliases=None):
   # Inside jax.shard_map (check_vma=True) the outputs must say over which mesh axes they vary:
   # the union of the operands' axes, to which every operand is cast.
   axes = frozenset().union(*(specs.axes_of(x) for x in args))
@@ -189,7 +189,8 @@ def _call(st: Static, name, kernel, grid, in_specs, out_shape, out_specs, scratc
   out_shape = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape)
   common = dict(out_shape=out_shape, interpret=st.interpret, name=name,
-                compiler_params=_compiler_params(st, d), cost_estimate=cost)
+                compiler_params=_compiler_params(st, d), cost_estimate=cost,
+                input_output_aliases=aliases or {})
   if st.loop:
     rel_spec = pl.BlockSpec((1,), lambda *_: (0,))
     return pl.pallas_call(kernel, grid=grid, in_specs=[rel_spec] + in_specs,
@@ -257,29 +258,23 @@ def block_backward(st: Static, rel, q, k, v, q_seg, k_seg, do, lse, delta):
   dq_shape = jax.ShapeDtypeStruct(q.shape, out_dtype(q))
   dkv_shape = (jax.ShapeDtypeStruct(k.shape, out_dtype(k)),
                jax.ShapeDtypeStruct(v.shape, out_dtype(v)))
-  dq_cost = _cost(st, b, h, tq, tk, d, 3, args[1:])
-  dkv_cost = _cost(st, b, h, tq, tk, d, 4, args[1:])
 
   if st.loop:
-    q_blk = pl.BlockSpec((_SQ, _SQ, bq, d), lambda b, h, i: (b, h, i, 0))
-    row_blk = pl.BlockSpec((_SQ, _SQ, bq, 1), lambda b, h, i: (b, h, i, 0))
-    kv_full = pl.BlockSpec((_SQ, _SQ, tk, d), lambda b, h, i: (b, h // g, 0, 0))
-    segs = [pl.BlockSpec((_SQ, bq, 1), lambda b, h, i: (b, i, 0)),
-            pl.BlockSpec((_SQ, 1, tk), lambda b, h, i: (b, 0, 0))] if st.has_seg else []
-    dq = _call(st, "flash_attention_dq", functools.partial(fk.dq_loop, st=st, num_k_blocks=nk),
-               (b, h, nq), [q_blk, kv_full, kv_full, q_blk, row_blk, row_blk] + segs, dq_shape,
-               q_blk, [], args, dq_cost, d)
-    # The block index along the head axis is the kv head: a block of g query heads is its group.
+    # One fused kernel: the program of (batch, kv head, key block) covers the kv head's group
+    # (a block of g query heads along the head axis) and adds dq atomically into a zeroed,
+    # aliased float32 buffer.
     q_grp = pl.BlockSpec((_SQ, g, tq, d), lambda b, kh, j: (b, kh, 0, 0))
     row_grp = pl.BlockSpec((_SQ, g, tq, 1), lambda b, kh, j: (b, kh, 0, 0))
     kv_blk = pl.BlockSpec((_SQ, _SQ, bk, d), lambda b, kh, j: (b, kh, j, 0))
     segs = [pl.BlockSpec((_SQ, tq, 1), lambda b, kh, j: (b, 0, 0)),
             pl.BlockSpec((_SQ, 1, bk), lambda b, kh, j: (b, 0, j))] if st.has_seg else []
-    dk, dv = _call(st, "flash_attention_dkv",
-                   functools.partial(fk.dkv_loop, st=st, num_q_blocks=nq), (b, hk, nk),
-                   [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp] + segs, dkv_shape,
-                   (kv_blk, kv_blk), [], args, dkv_cost, d)
-    return dq, dk, dv
+    dq, dk, dv = _call(
+        st, "flash_attention_bwd", functools.partial(fk.bwd_loop, st=st, num_q_blocks=nq),
+        (b, hk, nk), [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp] + segs + [q_grp],
+        (jax.ShapeDtypeStruct(q.shape, F32),) + dkv_shape, (q_grp, kv_blk, kv_blk), [],
+        args + [jnp.zeros(q.shape, F32)], _cost(st, b, h, tq, tk, d, 5, args[1:]), d,
+        aliases={len(args): 0})
+    return dq.astype(dq_shape.dtype), dk, dv
 
   def kv_block(b, h, i, j, rel_ref):
     lo, _, _, hi = fk.key_range(st, rel_ref[0] + i * bq, nk)
@@ -295,7 +290,7 @@ def block_backward(st: Static, rel, q, k, v, q_seg, k_seg, do, lse, delta):
                          lambda b, h, i, j, r: (b, 0, kv_block(b, h, i, j, r)[2]))]
   dq = _call(st, "flash_attention_dq", functools.partial(fk.dq_grid, st=st, num_k_blocks=nk),
              (b, h, nq, nk), [q_blk, kv_blk, kv_blk, q_blk, row_blk, row_blk] + segs, dq_shape,
-             q_blk, [pltpu.VMEM((bq, d), F32)], args, dq_cost, d)
+             q_blk, [pltpu.VMEM((bq, d), F32)], args, _cost(st, b, h, tq, tk, d, 3, args[1:]), d)
 
   # dk/dv: the last grid axis walks (group head, query block) pairs, m = head_in_group * nq + i.
   def q_block(b, kh, j, m, rel_ref):
@@ -314,7 +309,7 @@ def block_backward(st: Static, rel, q, k, v, q_seg, k_seg, do, lse, delta):
   dk, dv = _call(st, "flash_attention_dkv",
                  functools.partial(fk.dkv_grid, st=st, num_q_blocks=nq), (b, hk, nk, g * nq),
                  [q_grp, kv_own, kv_own, q_grp, row_grp, row_grp] + segs, dkv_shape,
-                 (kv_own, kv_own), scratch, args, dkv_cost, d)
+                 (kv_own, kv_own), scratch, args, _cost(st, b, h, tq, tk, d, 4, args[1:]), d)
   return dq, dk, dv
 
 
