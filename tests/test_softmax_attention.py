@@ -151,6 +151,38 @@ def test_bfloat16_inputs_stay_close_to_float32():
   assert rel_rms(got, want) < 2e-2
 
 
+@pytest.mark.parametrize("rel,window", [(0, None), (20, None), (40, 30), (5, 3)])
+def test_grid_walk_fetches_only_visible_blocks(rel, window):
+  """The TPU walk's index_maps, with queries `rel` positions after the keys (the block step):
+  the blocks fetched for a query block are exactly its visible key blocks (a skipped step
+  repeats the last index, so nothing is copied), and the same holds for the dk/dv kernel's walk
+  over query blocks; the ranges behind them cover every visible pair."""
+  from layers.kernels import flash_pallas_kernels as fk
+  bq, bk, tq, tk, kv_len = 8, 16, 32, 48, 44
+  st = flash_pallas.make_static(scale=1.0, causal=True, window=window, block_q=bq, block_k=bk,
+                                kv_len=kv_len, group=1, has_seg=False, has_sinks=False,
+                                interpret=True)
+  q_pos, k_pos = rel + np.arange(tq), np.arange(tk)
+  visible = (k_pos[None] <= q_pos[:, None]) & (k_pos[None] < kv_len)
+  if window is not None:
+    visible &= q_pos[:, None] - k_pos[None] <= window
+  tile = lambda i, j: visible[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].any()
+  rel_ref = jnp.array([rel], jnp.int32)
+  index = flash_pallas._kv_index(st, tk // bk)
+  for i in range(tq // bq):
+    fetched = [int(index(0, 0, i, j, rel_ref)[2]) for j in range(tk // bk)]
+    wanted = [j for j in range(tk // bk) if tile(i, j)]
+    changes = [x for n, x in enumerate(fetched) if n == 0 or x != fetched[n - 1]]
+    assert changes == (wanted or changes[:1]), (i, fetched, wanted)
+    lo, _, _, hi = (int(x) for x in fk.key_range(st, rel + i * bq, tk // bk))
+    assert wanted == [j for j in range(lo, hi) if tile(i, j)], (i, lo, hi)
+  for j in range(tk // bk):
+    lo, _, _, hi = (int(x) for x in fk.query_range(st, rel, j * bk, tq // bq))
+    wanted = [i for i in range(tq // bq) if tile(i, j)]
+    assert wanted == [i for i in range(lo, hi) if tile(i, j)] and (
+        not wanted or (wanted[0], wanted[-1] + 1) == (lo, hi)), (j, lo, hi, wanted)
+
+
 @pytest.mark.parametrize("causal,window,bq,bk", [(True, None, 16, 8), (True, 5, 8, 16),
                                                  (True, 20, 16, 16), (False, None, 8, 16)])
 def test_block_ranges_skip_only_invisible_blocks(causal, window, bq, bk):

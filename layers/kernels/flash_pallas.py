@@ -179,6 +179,17 @@ def _clamped(j, lo, hi, n):
   return jnp.clip(jnp.minimum(jnp.maximum(j, lo), hi - 1), 0, n - 1)
 
 
+def _kv_index(st: Static, nk: int):
+  """The grid walk's K / V index_map: key block j of query block i, clamped to the visible
+  range (from the scalar-prefetched rel), so a skipped step re-uses the fetched block."""
+
+  def index(b, h, i, j, rel_ref):
+    lo, _, _, hi = fk.key_range(st, rel_ref[0] + i * st.block_q, nk)
+    return b, h // st.group, _clamped(j, lo, hi, nk), 0
+
+  return index
+
+
 def _call(st: Static, name, kernel, grid, in_specs, out_shape, out_specs, scratch, args, cost,
           d, aliases=None):
   # Inside jax.shard_map (check_vma=True) the outputs must say over which mesh axes they vary:
@@ -227,10 +238,7 @@ def block_forward(st: Static, rel, q, k, v, q_seg, k_seg, sinks3):
     return _call(st, "flash_attention_fwd", kernel, (b, h, nq), in_specs, out_shape, out_specs,
                  [], args, cost, d)
 
-  def kv_block(b, h, i, j, rel_ref):
-    lo, _, _, hi = fk.key_range(st, rel_ref[0] + i * bq, nk)
-    return b, h // g, _clamped(j, lo, hi, nk), 0
-
+  kv_block = _kv_index(st, nk)
   q_spec = pl.BlockSpec((_SQ, _SQ, bq, d), lambda b, h, i, j, r: (b, h, i, 0))
   in_specs = [q_spec] + [pl.BlockSpec((_SQ, _SQ, bk, d), kv_block)] * 2
   if st.has_seg:
@@ -276,10 +284,7 @@ def block_backward(st: Static, rel, q, k, v, q_seg, k_seg, do, lse, delta):
         aliases={len(args): 0})
     return dq.astype(dq_shape.dtype), dk, dv
 
-  def kv_block(b, h, i, j, rel_ref):
-    lo, _, _, hi = fk.key_range(st, rel_ref[0] + i * bq, nk)
-    return b, h // g, _clamped(j, lo, hi, nk), 0
-
+  kv_block = _kv_index(st, nk)
   q_blk = pl.BlockSpec((_SQ, _SQ, bq, d), lambda b, h, i, j, r: (b, h, i, 0))
   row_blk = pl.BlockSpec((_SQ, _SQ, bq, lanes), lambda b, h, i, j, r: (b, h, i, 0))
   kv_blk = pl.BlockSpec((_SQ, _SQ, bk, d), kv_block)
