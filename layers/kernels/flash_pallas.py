@@ -17,9 +17,11 @@ How the blocks are walked on each target (`Static.target`):
     GQA gradients are summed in the kernel. lse, delta and the query segment ids are lane-dense
     ([..., 128]: Mosaic would pad a width-1 block 128x anyway) and the key segment ids come as
     8 sublanes; every call sets vmem_limit_bytes and a cost estimate.
-  gpu (Triton backend): grid (batch, head, query block); each program reads K / V from global
-    memory tile by tile in a `fori_loop` whose traced bounds skip masked blocks (the dk/dv
-    program walks the query blocks of every head of its group). Power-of-two tiles >= 16
+  gpu (Triton backend): the forward's grid is (batch, head, query block); each program reads
+    K / V from global memory tile by tile in a `fori_loop` whose traced bounds skip masked
+    blocks. The backward is one fused kernel over (batch, kv head, key block): each program
+    walks the visible query blocks of every head of its group, keeps dk, dv in registers and
+    adds dq atomically into a float32 buffer (five matmuls per tile). Power-of-two tiles >= 16
     (head_dim zero-padded), explicit num_warps / num_stages, no static value slices.
 
 The per-tile math (masks, online softmax, backward formulas) is `layers.kernels.flash_common`,
