@@ -1,0 +1,1 @@
+"""Long-context evaluation: task generators (tasks, needles, synthetic) and their examples."""

@@ -1,0 +1,88 @@
+"""One evaluation example, and the pieces every text task shares: argument checks, tokenizer
+checks and fitting a haystack to a target length with the needles at a chosen depth.
+
+An `Example` is what a long-context evaluation scores: the model reads `prompt` (context then
+query, int32 tokens) and its continuation is compared with `answers` (one token sequence per
+reference string; a task whose answer lists several strings, e.g. multi-value needles, has
+several). Text tasks also keep the strings, so scoring can work on decoded text as RULER does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """A (context + query, answer) pair in token space.
+
+  Attributes:
+    task: the task's name (lctx.evals.tasks.TASKS).
+    prompt: int32 [n] tokens the model reads: context, then query.
+    answers: int32 token sequences of the reference answers (the continuation to produce).
+    answer_texts: the reference strings (text tasks), else None.
+    depth: where the needles sit in the context, as a fraction in [0, 1] (None: no needle).
+    context_len: tokens of the prompt before the query.
+  """
+
+  task: str
+  prompt: np.ndarray
+  answers: tuple[np.ndarray, ...]
+  answer_texts: tuple[str, ...] | None = None
+  depth: float | None = None
+  context_len: int = 0
+
+
+def check_depth(depth: float, what: str) -> float:
+  depth = float(depth)
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"{what}: depth={depth} must lie in [0, 1] (0: needle at the start of the "
+                     "context, 1: at its end)")
+  return depth
+
+
+def check_representable(tokenizer, texts, what: str) -> None:
+  """Raises unless every string of `texts` survives encode -> decode with `tokenizer`."""
+  for text in texts:
+    if tokenizer.decode(tokenizer.encode(text)) != text:
+      raise ValueError(f"{what}: the tokenizer {tokenizer!r} cannot represent {text!r} (decode "
+                       "of its encoding differs); use a tokenizer that covers the task's text")
+
+
+def encode(tokenizer, text: str) -> np.ndarray:
+  return np.asarray(tokenizer.encode(text), np.int32).reshape(-1)
+
+
+def fit_haystack(tokenizer, filler: list[str], needles: list[str], query: str, length: int,
+                 depths: list[float], what: str) -> tuple[np.ndarray, int]:
+  """Context tokens of filler sentences with `needles` inserted, as long as fits in `length`
+  tokens together with `query`.
+
+  The number of filler sentences is searched (bisection) so that context + query is at most
+  `length` tokens; needle i goes before the filler sentence at fraction depths[i] of the filler.
+  `filler` is a list of sentences cycled as needed. Returns (prompt tokens, context length).
+  Raises a ValueError naming the setting when even the needles and query alone do not fit.
+  """
+
+  def build(n: int) -> str:
+    sentences = [filler[i % len(filler)] for i in range(n)]
+    slots = sorted(((round(d * n), i) for i, d in enumerate(depths)), reverse=True)
+    for at, i in slots:
+      sentences.insert(at, needles[i])
+    return " ".join(sentences)
+
+  query_tokens = encode(tokenizer, query)
+  size = lambda n: len(encode(tokenizer, build(n))) + len(query_tokens)
+  if size(0) > length:
+    raise ValueError(f"{what}: length={length} is below the {size(0)} tokens that the needles and "
+                     "the query alone take")
+  lo, hi = 0, 1
+  while size(hi) <= length:
+    lo, hi = hi, hi * 2
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if size(mid) <= length else (lo, mid)
+  context = encode(tokenizer, build(lo))
+  return np.concatenate([context, query_tokens]), len(context)
