@@ -1,1 +1,1 @@
-"""Long-context evaluation: task generators (tasks, needles, synthetic) and their examples."""
+"""Long-context evaluation: task generators (tasks, needles, synthetic), their examples and scores."""
