@@ -88,3 +88,27 @@ def plot_lines(path: str, series: dict[str, tuple[list, list]], xlabel: str, yla
   fig.savefig(path)
   plt.close(fig)
   return True
+
+
+def plot_heatmap(path: str, values, row_labels, col_labels, xlabel: str, ylabel: str,
+                 title: str) -> bool:
+  """Heatmap of values [rows, cols] in [0, 1] (NIAH style: green is 1); returns False (and logs)
+  without matplotlib."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    log.warning("matplotlib is not installed: no plot written to %s (pip install matplotlib)",
+                path)
+    return False
+  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(col_labels), 1.2 + 0.5 * len(row_labels)))
+  image = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+  ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+  ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  fig.colorbar(image, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True

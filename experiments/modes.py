@@ -5,9 +5,11 @@ import os
 import jax
 import numpy as np
 
+from experiments import benchmarking
 from experiments.spike_stats import run_spike_stats
 from lctx import data as data_lib
 from lctx.checkpoint import Checkpointer
+from lctx.evals import longeval
 from lctx.generate import check_request, generate
 from lctx.optim import make_optimizer
 from lctx.state import build
@@ -90,6 +92,34 @@ def run_generate(workdir: str, configs: dict) -> int:
   return 0
 
 
+def run_longeval(workdir: str, configs: dict) -> int:
+  """Recall over tasks x lengths x depths (LongEvalConfig): table, CSV and one heatmap per task
+  under <workdir>/longeval."""
+  cfg, seq_len = configs["longeval"], configs["data"].seq_len
+  tokenizer = data_lib.make_tokenizer(configs["data"].tokenizer)
+  longeval.examples(cfg, tokenizer)  # every example fits, before anything is compiled
+  m, step, params = _restore_params(workdir, configs)
+  with m.context():
+    rows = longeval.evaluate(m.model, params, tokenizer, cfg, train_len=seq_len)
+  out = os.path.join(workdir, "longeval")
+  columns = ["task", "length", "depth", "examples", "exact_match", "score", "answer_logprob",
+             "beyond_training"]
+  benchmarking.write_csv(os.path.join(out, "longeval.csv"), rows, columns)
+  print(f"checkpoint step {step}, trained at {seq_len} tokens:")
+  benchmarking.print_table(rows, columns)
+  for task in cfg.tasks:
+    grid = np.array([[next(r["score"] for r in rows if r["task"] == task and r["length"] == n
+                           and r["depth"] == float(d)) for n in cfg.lengths]
+                     for d in cfg.depths])
+    path = os.path.join(out, f"{task}.png")
+    if benchmarking.plot_heatmap(path, grid, cfg.depths, cfg.lengths, "context length (tokens)",
+                                 "needle depth", f"{task}: score (step {step})"):
+      print(f"  heatmap: {path}")
+  print(f"  csv:     {os.path.join(out, 'longeval.csv')}")
+  return 0
+
+
 MODES = {"train": run_train, "eval": run_eval_mode, "generate": run_generate,
          "spike_stats": lambda workdir, configs: run_spike_stats(workdir, configs,
-                                                                 _restore_params)}
+                                                                 _restore_params),
+         "longeval": run_longeval}

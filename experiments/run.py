@@ -27,14 +27,15 @@ import traceback
 import gin
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("train", "eval", "generate", "spike_stats")
+MODES = ("train", "eval", "generate", "spike_stats", "longeval")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """mode: "train" (train or resume in the workdir), "eval" (evaluate the latest checkpoint),
-  "generate" (continue GenerateConfig.prompt with the latest checkpoint) or "spike_stats" (the
-  spiking statistics of the latest checkpoint, experiments/spike_stats.py)."""
+  "generate" (continue GenerateConfig.prompt with the latest checkpoint), "spike_stats" (the
+  spiking statistics of the latest checkpoint, experiments/spike_stats.py) or "longeval"
+  (recall tasks over lengths x needle depths, LongEvalConfig, lctx/evals/longeval.py)."""
 
   mode: str = "train"
 

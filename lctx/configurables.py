@@ -14,6 +14,7 @@ from layers.registry import available_mixers, get_mixer
 from layers.spiking import SpikeConfig
 from lctx.config import ModelConfig, mixer_defaults_unchecked
 from lctx.data import DataConfig
+from lctx.evals.longeval import LongEvalConfig
 from lctx.generate import GenerateConfig
 from lctx.optim import OptimizerConfig
 from lctx.patterns import LayerPattern
@@ -23,7 +24,8 @@ from sharding.sequence import SequenceParallelConfig
 
 # The configs an experiment is made of, by the name entry points use for them.
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
-            "train": TrainConfig, "mesh": MeshConfig, "generate": GenerateConfig}
+            "train": TrainConfig, "mesh": MeshConfig, "generate": GenerateConfig,
+            "longeval": LongEvalConfig}
 
 _BOUND: dict[type, type] = {}
 

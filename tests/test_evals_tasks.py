@@ -22,10 +22,12 @@ def test_passkey_text_is_the_published_one():
   assert len(key) == 5 and key.isdigit()
   prompt = text(ex.prompt)
   needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-  assert prompt.startswith(needle + " The grass is green. The sky is blue.")
+  # Depth 0: the needle follows only the few filler bytes that make the length exact.
+  assert needle + " The grass is green. The sky is blue." in prompt
+  assert prompt.index(needle) < 25
   assert prompt.endswith("\nWhat is the pass key? The pass key is")
   assert text(ex.answers[0]) == " " + key
-  assert ex.context_len == len(TOK.encode(prompt.split("\n")[0]))
+  assert ex.context_len == len(TOK.encode(prompt.split("\n")[0])) and len(ex.prompt) == 400
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -33,8 +35,8 @@ def test_passkey_text_is_the_published_one():
 def test_prompts_fit_and_are_deterministic(task, length):
   ex = make_example(task, TOK, length, depth=0.4, seed=7)
   assert ex.prompt.dtype == np.int32 and ex.task == task
-  # The haystack is as long as fits: one more filler sentence (at most 22 bytes) would not.
-  assert length - 25 < len(ex.prompt) <= length, len(ex.prompt)
+  # Exactly the length: every prompt of one length has one shape (one compilation).
+  assert len(ex.prompt) == length, len(ex.prompt)
   again = make_example(task, TOK, length, depth=0.4, seed=7)
   assert np.array_equal(ex.prompt, again.prompt)
   assert all(np.array_equal(a, b) for a, b in zip(ex.answers, again.answers))

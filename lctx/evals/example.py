@@ -57,13 +57,14 @@ def encode(tokenizer, text: str) -> np.ndarray:
 
 def fit_haystack(tokenizer, filler: list[str], needles: list[str], query: str, length: int,
                  depths: list[float], what: str) -> tuple[np.ndarray, int]:
-  """Context tokens of filler sentences with `needles` inserted, as long as fits in `length`
-  tokens together with `query`.
+  """A prompt of exactly `length` tokens: filler sentences with `needles` inserted, then `query`.
 
   The number of filler sentences is searched (bisection) so that context + query is at most
   `length` tokens; needle i goes before the filler sentence at fraction depths[i] of the filler.
-  `filler` is a list of sentences cycled as needed. Returns (prompt tokens, context length).
-  Raises a ValueError naming the setting when even the needles and query alone do not fit.
+  The remaining few tokens are the tail of more filler, in front, so that every prompt of one
+  length has the same shape (one compilation per length). `filler` is a list of sentences
+  cycled as needed. Returns (prompt tokens, context length). Raises a ValueError naming the
+  setting when even the needles and query alone do not fit.
   """
 
   def build(n: int) -> str:
@@ -85,4 +86,14 @@ def fit_haystack(tokenizer, filler: list[str], needles: list[str], query: str, l
     mid = (lo + hi) // 2
     lo, hi = (mid, hi) if size(mid) <= length else (lo, mid)
   context = encode(tokenizer, build(lo))
+  pad = length - len(context) - len(query_tokens)
+  if pad:
+    n = 1
+    while len(head := encode(tokenizer, build_filler(filler, n) + " ")) < pad:
+      n *= 2
+    context = np.concatenate([head[-pad:], context])
   return np.concatenate([context, query_tokens]), len(context)
+
+
+def build_filler(filler: list[str], n: int) -> str:
+  return " ".join(filler[i % len(filler)] for i in range(n))

@@ -1,0 +1,115 @@
+"""Long-context evaluation of a model over tasks x context lengths x needle depths.
+
+For every cell (task, length, depth) `LongEvalConfig.examples` deterministic examples are made
+(lctx.evals.tasks); the model continues each prompt greedily (lctx.generate, with its decoding
+cache) and one forward pass over prompt + answer gives the answer's log-likelihood. A cell
+reports the means of
+  exact_match     the continuation starts with the (first) answer's tokens;
+  score           the task's own metric: passkey, the first number of the continuation equals
+                  the key; RULER needles and variable tracking, the fraction of reference
+                  strings contained in the decoded continuation; selective copying, exact match;
+  answer_logprob  log p(first answer | prompt), nats.
+Lengths beyond the training length are allowed (RoPE as configured; linear layers need
+nothing); each row says whether its length is beyond it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lctx.evals import scoring
+from lctx.evals.example import Example, check_depth
+from lctx.evals.tasks import TASKS, make_example
+from lctx.generate import generate
+
+
+@dataclasses.dataclass(frozen=True)
+class LongEvalConfig:
+  """What `RunConfig.mode = 'longeval'` evaluates (bound by gin/evals/*.gin).
+
+  Attributes:
+    tasks: task names of lctx.evals.tasks.TASKS.
+    lengths: prompt lengths in tokens (may exceed the training length).
+    depths: needle depths in [0, 1].
+    examples: examples per (task, length, depth) cell.
+    max_new_tokens: tokens generated per example; 0 means the answers' tokens plus 4.
+    seed: seed of the examples.
+  """
+
+  tasks: tuple[str, ...] = ("passkey", "niah_single")
+  lengths: tuple[int, ...] = (256, 512, 1024)
+  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+  examples: int = 1
+  max_new_tokens: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    for task in self.tasks:
+      if task not in TASKS:
+        raise ValueError(f"LongEvalConfig.tasks: {task!r} is not one of {sorted(TASKS)}")
+    if not self.tasks or not self.lengths or not self.depths:
+      raise ValueError("LongEvalConfig.tasks, lengths and depths must not be empty")
+    for length in self.lengths:
+      if int(length) < 1:
+        raise ValueError(f"LongEvalConfig.lengths: {length} must be positive")
+    for depth in self.depths:
+      check_depth(depth, "LongEvalConfig.depths")
+    if self.examples < 1 or self.max_new_tokens < 0:
+      raise ValueError("LongEvalConfig.examples must be >= 1 and max_new_tokens >= 0")
+
+
+def task_score(ex: Example, generated, text: str) -> float:
+  """The task's own metric of one continuation (see the module docstring)."""
+  if ex.task == "passkey":
+    return float(scoring.first_number_matches(text, ex.answer_texts[0]))
+  if ex.answer_texts is None:
+    return float(scoring.exact_match(generated, ex.answers[0]))
+  return scoring.contains_fraction(text, ex.answer_texts)
+
+
+def _seed(cfg: LongEvalConfig, task: str, length: int, depth: float, n: int) -> int:
+  words = [cfg.seed, sorted(TASKS).index(task), int(length), round(depth * 1000), n]
+  return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def examples(cfg: LongEvalConfig, tokenizer) -> list[tuple[tuple[str, int, float], Example]]:
+  """Every ((task, length, depth), example) of the evaluation, built before any compile so that
+  a length a task cannot fit in is reported first."""
+  return [((task, int(length), float(depth)),
+           make_example(task, tokenizer, length, depth, _seed(cfg, task, length, depth, n)))
+          for task in cfg.tasks for length in cfg.lengths for depth in cfg.depths
+          for n in range(cfg.examples)]
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _logits(model, params, tokens):
+  return model.apply({"params": params}, tokens)
+
+
+def evaluate(model, params, tokenizer, cfg: LongEvalConfig, train_len: int | None = None,
+             progress=None) -> list[dict]:
+  """One row per (task, length, depth): the mean exact_match, score and answer_logprob."""
+  cells: dict[tuple, list[tuple[float, float, float]]] = {}
+  for key, ex in examples(cfg, tokenizer):
+    new = cfg.max_new_tokens or sum(len(a) for a in ex.answers) + 4
+    out = np.asarray(generate(model, params, jnp.asarray(ex.prompt[None]), jax.random.key(0),
+                              max_new_tokens=new))[0]
+    answer = ex.answers[0]
+    logits = _logits(model, params, jnp.asarray(np.concatenate([ex.prompt, answer])[None]))[0]
+    cells.setdefault(key, []).append((
+        float(scoring.exact_match(out, answer)), task_score(ex, out, tokenizer.decode(out)),
+        scoring.answer_logprob(np.asarray(logits, np.float32), answer, len(ex.prompt))))
+    if progress is not None:
+      progress(key)
+  rows = []
+  for (task, length, depth), scores in cells.items():
+    em, score, logprob = np.mean(np.asarray(scores), axis=0)
+    rows.append({"task": task, "length": length, "depth": depth, "examples": len(scores),
+                 "exact_match": float(em), "score": float(score), "answer_logprob": float(logprob),
+                 "beyond_training": bool(train_len is not None and length > train_len)})
+  return rows
