@@ -20,9 +20,9 @@ def test_cached_greedy_equals_recompute(window, kv_heads, tied):
   # Sharpen the random model so greedy choices are not near-ties.
   params = jax.tree.map(lambda p: p * 3.0, params)
   prompt = jax.random.randint(jax.random.key(1), (3, 5), 0, 256)
-  cached = generate(model, params, prompt, jax.random.key(2), max_new_tokens=16)
-  recomputed = greedy_by_recompute(model, params, prompt, 16)
-  assert cached.shape == (3, 16)
+  cached = generate(model, params, prompt, jax.random.key(2), max_new_tokens=10)
+  recomputed = greedy_by_recompute(model, params, prompt, 10)
+  assert cached.shape == (3, 10)
   np.testing.assert_array_equal(np.asarray(cached), np.asarray(recomputed))
   assert len(np.unique(np.asarray(cached))) > 3, "degenerate test: a constant continuation"
 

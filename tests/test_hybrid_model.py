@@ -104,9 +104,10 @@ def test_moe_balance_loss_enters_the_objective_and_the_metrics():
   batch = {"tokens": tokens, "positions": jnp.broadcast_to(jnp.arange(32), (2, 32)),
            "segment_ids": seg}
   params = model.init(jax.random.key(0), tokens)["params"]
-  objective, sums = jax.jit(lambda p, b: loss_sums(model, p, b))(params, batch)
-  _, inter = jax.jit(lambda p: model.apply({"params": p}, tokens, batch["positions"], seg,
-                                           mutable=["intermediates"]))(params)
+  # One compile for both: the objective and the layers' sown balance terms.
+  (objective, sums), (_, inter) = jax.jit(lambda p, b: (
+      loss_sums(model, p, b), model.apply({"params": p}, tokens, b["positions"], seg,
+                                          mutable=["intermediates"])))(params, batch)
   balance = [v[0] for path, v in jax.tree_util.tree_flatten_with_path(
       inter, is_leaf=lambda v: isinstance(v, tuple))[0] if "moe_balance" in str(path)]
   assert len(balance) == 1  # layer 1; layer 0 keeps its dense FFN

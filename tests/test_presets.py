@@ -51,9 +51,10 @@ def test_preset_builds_and_runs_forward(preset):
   assert cfg.layer_mixers() == LAYOUTS[preset]
   model = DecoderLM(cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
-  logits, collections = jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                                         mutable=["intermediates"]))(params, tokens)
+  # Init and forward in one compile.
+  logits, collections = jax.jit(lambda key, x: model.apply(
+      {"params": model.init(key, x)["params"]}, x, mutable=["intermediates"]))(
+          jax.random.key(0), tokens)
   assert logits.shape == (2, 64, cfg.vocab_size)
   assert np.isfinite(np.asarray(logits)).all()
   sown = jax.tree_util.tree_flatten_with_path(collections)[0]

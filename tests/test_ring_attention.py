@@ -98,10 +98,10 @@ def test_matches_reference_on_seq_meshes():
 
 def test_pallas_block_step_matches_reference():
   # The flash kernels (interpreted) as the block step of both methods: the grid walk (TPU's) on
-  # zigzag / windowed / GQA cases, and the Triton walk (power-of-two tiles, padded head_dim).
+  # a zigzag, windowed (+1 and -1 chains), GQA case with segments, sinks and lse; through the
+  # layer's entry with sink tokens; and the Triton walk (power-of-two tiles, padded head_dim).
   out = _run("""
     case(4, "zigzag", 48, block=4, window=9, seg=True, sinks=True, lse=True, impl="pallas")
-    case(8, "zigzag", 64, d=7, window=20, seg=True, sinks=True, impl="pallas")
 
     # What a layer calls: the plan's method with impl="pallas" runs this step (logged), and sink
     # tokens merge by its logsumexp, in value and every gradient.
@@ -130,7 +130,7 @@ def test_pallas_block_step_matches_reference():
     flash_pallas._target = lambda interpret: "gpu"
     case(2, "contiguous", 40, d=7, block=8, seg=True, sinks=True, lse=True, impl="pallas")
   """)
-  assert sum(line.startswith("ok") for line in out.splitlines()) == 4, out
+  assert sum(line.startswith("ok") for line in out.splitlines()) == 3, out
   assert "sequence-parallel allgather over 4 ranks, zigzag layout, pallas block step" in out, out
 
 
