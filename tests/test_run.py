@@ -157,3 +157,26 @@ def test_generate_without_checkpoint_is_a_clear_error(tmp_path):
   code, _, stderr = cli.run_in_process(tmp_path, "--gin.RunConfig.mode=generate")
   assert code == 2
   assert "no checkpoint in" in stderr and "train first" in stderr
+
+
+def test_longeval_mode_writes_table_csv_and_heatmaps(trained):
+  # Lengths beyond the training length (SEQ_LEN=32); one generate compile per length.
+  workdir, _ = trained
+  evals = ["--gin.RunConfig.mode=longeval", "--gin.LongEvalConfig.tasks=('passkey',)",
+           "--gin.LongEvalConfig.depths=(0.0, 1.0)", "--gin.LongEvalConfig.max_new_tokens=8"]
+  code, stdout, stderr = cli.run_in_process(workdir, *evals,
+                                            "--gin.LongEvalConfig.lengths=(110, 150)")
+  assert code == 0, stderr[-3000:]
+  assert "checkpoint step 24, trained at 32 tokens:" in stdout
+  with open(workdir / "longeval" / "longeval.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["length"], r["depth"]) for r in rows] == [
+      ("110", "0.0"), ("110", "1.0"), ("150", "0.0"), ("150", "1.0")]
+  for r in rows:
+    assert r["task"] == "passkey" and r["beyond_training"] == "True"
+    assert float(r["score"]) in (0.0, 1.0) and float(r["answer_logprob"]) < 0
+  assert (workdir / "longeval" / "passkey.png").stat().st_size > 0
+  # A length the task cannot fit in is refused before the checkpoint is read or anything
+  # compiled.
+  code, _, stderr = cli.run_in_process(workdir, *evals, "--gin.LongEvalConfig.lengths=(40,)")
+  assert code == 2 and "task 'passkey': length=40 is below" in stderr, stderr
