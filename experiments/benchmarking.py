@@ -67,9 +67,8 @@ def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
     writer.writerows(rows)
 
 
-def plot_lines(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
-               title: str) -> bool:
-  """Log-log line plot of {label: (xs, ys)}; returns False (and logs) without matplotlib."""
+def _pyplot(path: str):
+  """matplotlib.pyplot on the Agg backend, or None (logged) when matplotlib is missing."""
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -77,6 +76,15 @@ def plot_lines(path: str, series: dict[str, tuple[list, list]], xlabel: str, yla
   except ImportError:
     log.warning("matplotlib is not installed: no plot written to %s (pip install matplotlib)",
                 path)
+    return None
+  return plt
+
+
+def plot_lines(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
+               title: str) -> bool:
+  """Log-log line plot of {label: (xs, ys)}; returns False (and logs) without matplotlib."""
+  plt = _pyplot(path)
+  if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, (xs, ys) in series.items():
@@ -94,13 +102,8 @@ def plot_heatmap(path: str, values, row_labels, col_labels, xlabel: str, ylabel:
                  title: str) -> bool:
   """Heatmap of values [rows, cols] in [0, 1] (NIAH style: green is 1); returns False (and logs)
   without matplotlib."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    log.warning("matplotlib is not installed: no plot written to %s (pip install matplotlib)",
-                path)
+  plt = _pyplot(path)
+  if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(col_labels), 1.2 + 0.5 * len(row_labels)))
   image = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")

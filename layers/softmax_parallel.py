@@ -108,17 +108,19 @@ def _run_sharded(st: ab.Tiles, mesh, local_fn, q, k, v, segment_ids, sinks, with
 def _outputs(st: ab.Tiles, out, lse, dtype, with_lse: bool):
   """Unblocks the finalized (out, lse [chunks, nq, b, hk, rows, 1]) into [b, L, h, d] (and
   [b, L, h] float32 with with_lse)."""
-  out = _step(st).unblock_queries(st, out.astype(dtype))
+  blk = _step(st)
+  out = blk.unblock_queries(st, out.astype(dtype))
   if not with_lse:
     return out
-  return out, _step(st).unblock_queries(st, lse)[..., 0]
+  return out, blk.unblock_queries(st, lse)[..., 0]
 
 
 def _deltas(st: ab.Tiles, out, cotangent, with_lse: bool):
   """Blocked (dout, delta) of the backward; lse's cotangent folds into delta."""
+  blk = _step(st)
   dout, dlse = fc.split_cotangent(cotangent, with_lse)
   delta = fc.out_delta(out, dout, None if dlse is None else dlse[..., None])
-  return _step(st).block_queries(st, dout), _step(st).block_queries(st, delta)
+  return blk.block_queries(st, dout), blk.block_queries(st, delta)
 
 
 def ring_attention(q, k, v, *, layout, mesh, scale=None, window=None, segment_ids=None,
@@ -180,26 +182,28 @@ def _src_ids(st: ab.Tiles, r, offset):
 
 def _keys(st: ab.Tiles, k, v, seg):
   """The own shard as it travels: (stacked K, V [chunks, 2, ...], key segment ids or None)."""
-  return ab.block_kv(st, k, v), _step(st).block_segments(st, seg, queries=False)
+  blk = _step(st)
+  return ab.block_kv(st, k, v), blk.block_segments(st, seg, queries=False)
 
 
 def _ring_forward(st: ab.Tiles, scale, q, k, v, seg, sinks_hg):
   """Returns the finalized blocked (out float32, lse [chunks, nq, b, hk, rows, 1])."""
+  blk = _step(st)
   r = lax.axis_index(specs.SEQ_AXIS)
   q_ids = st.layout.local_chunk_ids(r)
-  qb, q_seg = _step(st).block_scaled_queries(st, q, scale), _step(st).block_segments(st, seg, queries=True)
+  qb, q_seg = blk.block_scaled_queries(st, q, scale), blk.block_segments(st, seg, queries=True)
   keys = _keys(st, k, v, seg)
-  state = _step(st).attend_forward(st, _step(st).init_state(st, qb, sinks_hg), qb, q_seg, q_ids, *keys, q_ids,
-                            _ring_pairs(st, 0))
+  state = blk.attend_forward(st, blk.init_state(st, qb, sinks_hg), qb, q_seg, q_ids, *keys,
+                             q_ids, _ring_pairs(st, 0))
   for direction, steps in ring_chains(st):
     pairs = _chain_pairs(st, direction, steps)
 
     def attend(state, held, j, direction=direction, pairs=pairs):
-      return _step(st).attend_forward(st, state, qb, q_seg, q_ids, *held,
-                               _src_ids(st, r, direction * j), pairs)
+      return blk.attend_forward(st, state, qb, q_seg, q_ids, *held,
+                                _src_ids(st, r, direction * j), pairs)
 
     state = ring.rotate(direction, steps, state, keys, attend, shards=st.layout.shards)
-  return _step(st).finalize(state)
+  return blk.finalize(state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -224,12 +228,13 @@ def _ring_bwd(st, scale, with_lse, res, cotangent):
   returns to its owner at the end of each chain, where the rank's own (offset 0) pairs are added
   last (so no separate own dK, dV is alive during the rotation). dq stays local. Only the
   [b, L, ...] inputs are saved; their blocked copies are rebuilt here."""
+  blk = _step(st)
   q, k, v, seg, sinks_hg, out, lse = res
   r = lax.axis_index(specs.SEQ_AXIS)
   q_ids = st.layout.local_chunk_ids(r)
-  qb = _step(st).block_scaled_queries(st, q, scale)
+  qb = blk.block_scaled_queries(st, q, scale)
   dob, delta = _deltas(st, out, cotangent, with_lse)
-  common = (qb, dob, lse, delta, _step(st).block_segments(st, seg, queries=True), q_ids)
+  common = (qb, dob, lse, delta, blk.block_segments(st, seg, queries=True), q_ids)
   axes = specs.axes_of(qb)
   dq, dkv = specs.vary(jnp.zeros(qb.shape, jnp.float32), axes), None
   keys = _keys(st, k, v, seg)
@@ -237,7 +242,7 @@ def _ring_bwd(st, scale, with_lse, res, cotangent):
     pairs = _chain_pairs(st, direction, steps)
 
     def attend(grads, held, j, direction=direction, pairs=pairs):
-      return _step(st).attend_backward(st, grads, *common, *held, _src_ids(st, r, direction * j), pairs)
+      return blk.attend_backward(st, grads, *common, *held, _src_ids(st, r, direction * j), pairs)
 
     acc = specs.vary(jnp.zeros(keys[0].shape, jnp.float32), axes)
     dq, back = ring.rotate_accumulate(direction, steps, dq, acc, keys, attend,
@@ -245,10 +250,10 @@ def _ring_bwd(st, scale, with_lse, res, cotangent):
     dkv = back if dkv is None else dkv + back
   if dkv is None:  # a single rank
     dkv = specs.vary(jnp.zeros(keys[0].shape, jnp.float32), axes)
-  dq, dkv = _step(st).attend_backward(st, (dq, dkv), *common, *keys, q_ids, _ring_pairs(st, 0))
-  dsinks = None if sinks_hg is None else _step(st).sinks_grad(st, sinks_hg, lse, delta)
+  dq, dkv = blk.attend_backward(st, (dq, dkv), *common, *keys, q_ids, _ring_pairs(st, 0))
+  dsinks = None if sinks_hg is None else blk.sinks_grad(st, sinks_hg, lse, delta)
   dk, dv = ab.unblock_kv(st, dkv)
-  return ((_step(st).unblock_queries(st, dq) * scale).astype(q.dtype), dk.astype(k.dtype),
+  return ((blk.unblock_queries(st, dq) * scale).astype(q.dtype), dk.astype(k.dtype),
           dv.astype(v.dtype), None, dsinks)
 
 
@@ -282,14 +287,15 @@ def _gathered_pairs(st: ab.Tiles):
 
 
 def _gathered_forward(st: ab.Tiles, scale, q, kv, seg, k_seg, sinks_hg):
+  blk = _step(st)
   q_ids = st.layout.local_chunk_ids(lax.axis_index(specs.SEQ_AXIS))
-  qb = _step(st).block_scaled_queries(st, q, scale)
-  state = _step(st).attend_forward(st, _step(st).init_state(st, qb, sinks_hg), qb,
-                            _step(st).block_segments(st, seg, queries=True), q_ids, kv,
-                            _step(st).block_segments(st, k_seg, queries=False),
-                            jnp.asarray(st.layout.chunk_table().reshape(-1)),
-                            _gathered_pairs(st))
-  return _step(st).finalize(state)
+  qb = blk.block_scaled_queries(st, q, scale)
+  state = blk.attend_forward(st, blk.init_state(st, qb, sinks_hg), qb,
+                             blk.block_segments(st, seg, queries=True), q_ids, kv,
+                             blk.block_segments(st, k_seg, queries=False),
+                             jnp.asarray(st.layout.chunk_table().reshape(-1)),
+                             _gathered_pairs(st))
+  return blk.finalize(state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -305,19 +311,20 @@ def _gathered_fwd(st, scale, with_lse, q, kv, seg, k_seg, sinks_hg):
 
 
 def _gathered_bwd(st, scale, with_lse, res, cotangent):
+  blk = _step(st)
   q, kv, seg, k_seg, sinks_hg, out, lse = res
   q_ids = st.layout.local_chunk_ids(lax.axis_index(specs.SEQ_AXIS))
-  qb = _step(st).block_scaled_queries(st, q, scale)
+  qb = blk.block_scaled_queries(st, q, scale)
   dob, delta = _deltas(st, out, cotangent, with_lse)
   axes = specs.axes_of(qb)
   grads = specs.vary((jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kv.shape, jnp.float32)), axes)
-  dq, dkv = _step(st).attend_backward(st, grads, qb, dob, lse, delta,
-                               _step(st).block_segments(st, seg, queries=True), q_ids, kv,
-                               _step(st).block_segments(st, k_seg, queries=False),
-                               jnp.asarray(st.layout.chunk_table().reshape(-1)),
-                               _gathered_pairs(st))
-  dsinks = None if sinks_hg is None else _step(st).sinks_grad(st, sinks_hg, lse, delta)
-  return ((_step(st).unblock_queries(st, dq) * scale).astype(q.dtype), dkv.astype(kv.dtype), None,
+  dq, dkv = blk.attend_backward(st, grads, qb, dob, lse, delta,
+                                blk.block_segments(st, seg, queries=True), q_ids, kv,
+                                blk.block_segments(st, k_seg, queries=False),
+                                jnp.asarray(st.layout.chunk_table().reshape(-1)),
+                                _gathered_pairs(st))
+  dsinks = None if sinks_hg is None else blk.sinks_grad(st, sinks_hg, lse, delta)
+  return ((blk.unblock_queries(st, dq) * scale).astype(q.dtype), dkv.astype(kv.dtype), None,
           None, dsinks)
 
 

@@ -148,7 +148,8 @@ def sink_rows(st: Tiles, sinks_hg):
 
 def init_state(st: Tiles, qb, sinks_hg):
   """Online-softmax state (m, l, acc), each [chunks, nq, b, hk, rows, 1 or d], varying like qb."""
-  return specs.vary(fc.init_state(qb.shape[:-1], qb.shape[-1], sink_rows(st, sinks_hg)), specs.axes_of(qb))
+  state = fc.init_state(qb.shape[:-1], qb.shape[-1], sink_rows(st, sinks_hg))
+  return specs.vary(state, specs.axes_of(qb))
 
 
 def sinks_grad(st: Tiles, sinks_hg, lse, delta):
@@ -200,11 +201,10 @@ def _kv_block(st: Tiles, kv, kj, j):
   return lax.dynamic_slice(kv, _kv_start(st, kj, j), size)[0]
 
 
-def _over_pairs(st: Tiles, pairs, carry, q_seg, q_ids, k_seg, k_ids, tile_step):
-  """Runs carry = tile_step(qi, kj, i, mask, bounds, carry) over the query blocks i of every
-  static (query slot qi, key slot kj) pair, skipping at run time the pairs that are hidden.
-
-  `mask(j, edge)` and `bounds` are the tile's mask and key block range (`_tile_fns`)."""
+def over_visible_pairs(st: Tiles, pairs, carry, q_ids, k_ids, pair_step):
+  """carry = pair_step(qi, kj, rel, carry) over the static (query slot qi, key slot kj) `pairs`,
+  rel being the query chunk's start minus the key chunk's; pairs hidden on this rank are
+  skipped at run time (`lax.cond`). Shared by the xla and Pallas block steps."""
   if not len(pairs):
     return carry
   table = jnp.asarray(pairs)
@@ -212,17 +212,27 @@ def _over_pairs(st: Tiles, pairs, carry, q_seg, q_ids, k_seg, k_ids, tile_step):
   def pair(n, carry):
     qi, kj = table[n, 0], table[n, 1]
     rel = (q_ids[qi] - k_ids[kj]) * st.chunk
+    return lax.cond(visible(st, rel), lambda c: pair_step(qi, kj, rel, c), lambda c: c, carry)
+
+  return lax.fori_loop(0, len(pairs), pair, carry)
+
+
+def _over_pairs(st: Tiles, pairs, carry, q_seg, q_ids, k_seg, k_ids, tile_step):
+  """Runs carry = tile_step(qi, kj, i, mask, bounds, carry) over the query blocks i of every
+  visible (query slot qi, key slot kj) pair.
+
+  `mask(j, edge)` and `bounds` are the tile's mask and key block range (`_tile_fns`)."""
+
+  def pair_step(qi, kj, rel, carry):
     k_seg_j = _at(k_seg, kj)
 
     def q_block(i, carry):
       mask, bounds = _tile_fns(st, rel, i, _tile(q_seg, qi, i), k_seg_j)
       return tile_step(qi, kj, i, mask, bounds, carry)
 
-    return lax.cond(visible(st, rel),
-                    lambda c: lax.fori_loop(0, st.q_pad // st.block_q, q_block, c),
-                    lambda c: c, carry)
+    return lax.fori_loop(0, st.q_pad // st.block_q, q_block, carry)
 
-  return lax.fori_loop(0, len(pairs), pair, carry)
+  return over_visible_pairs(st, pairs, carry, q_ids, k_ids, pair_step)
 
 
 def attend_forward(st: Tiles, state, qb, q_seg, q_ids, kv, k_seg, k_ids, pairs):

@@ -85,21 +85,6 @@ def _pad_d(ps: fp.Static, x):
   return fc.pad_axis(x, x.ndim - 1, fp.fit_to_target(ps.target, 16, 16, d)[2])
 
 
-def _over_pairs(st: ab.Tiles, pairs, carry, q_ids, k_ids, pair_step):
-  """carry = pair_step(qi, kj, rel [1], carry) over the static pairs; hidden ones skipped."""
-  if not len(pairs):
-    return carry
-  table = jnp.asarray(pairs)
-
-  def pair(n, carry):
-    qi, kj = table[n, 0], table[n, 1]
-    rel = (q_ids[qi] - k_ids[kj]) * st.chunk
-    return lax.cond(ab.visible(st, rel), lambda c: pair_step(qi, kj, rel[None], c),
-                    lambda c: c, carry)
-
-  return lax.fori_loop(0, len(pairs), pair, carry)
-
-
 def _at(x, i):
   return None if x is None else lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
 
@@ -117,13 +102,14 @@ def attend_forward(st: ab.Tiles, state, qb, q_seg, q_ids, kv, k_seg, k_ids, pair
   def pair_step(qi, kj, rel, state):
     out, lse = state
     kv_j = _at(kv, kj)
-    part, part_lse = fp.block_forward(ps, rel, _pad_d(ps, _at(qb, qi)), _pad_d(ps, kv_j[0]),
-                                      _pad_d(ps, kv_j[1]), _at(q_seg, qi), _at(k_seg, kj), None)
+    part, part_lse = fp.block_forward(ps, rel[None], _pad_d(ps, _at(qb, qi)),
+                                      _pad_d(ps, kv_j[0]), _pad_d(ps, kv_j[1]), _at(q_seg, qi),
+                                      _at(k_seg, kj), None)
     merged, merged_lse = fc.merge_partials(_at(out, qi), _at(lse, qi), part[..., :d],
                                            part_lse[..., :1])
     return _put(out, merged, qi), _put(lse, merged_lse, qi)
 
-  return _over_pairs(st, pairs, state, q_ids, k_ids, pair_step)
+  return ab.over_visible_pairs(st, pairs, state, q_ids, k_ids, pair_step)
 
 
 def attend_backward(st: ab.Tiles, grads, qb, dob, lse, delta, q_seg, q_ids, kv, k_seg, k_ids,
@@ -137,11 +123,11 @@ def attend_backward(st: ab.Tiles, grads, qb, dob, lse, delta, q_seg, q_ids, kv, 
     dq, dkv = grads
     kv_j = _at(kv, kj)
     dq_p, dk_p, dv_p = fp.block_backward(
-        ps, rel, _pad_d(ps, _at(qb, qi)), _pad_d(ps, kv_j[0]), _pad_d(ps, kv_j[1]),
+        ps, rel[None], _pad_d(ps, _at(qb, qi)), _pad_d(ps, kv_j[0]), _pad_d(ps, kv_j[1]),
         _at(q_seg, qi), _at(k_seg, kj), _pad_d(ps, _at(dob, qi)),
         fp.lane_rows(ps, _at(lse, qi)), fp.lane_rows(ps, _at(delta, qi)))
     dq = _put(dq, _at(dq, qi) + dq_p[..., :d], qi)
     dkv = _put(dkv, _at(dkv, kj) + jnp.stack([dk_p[..., :d], dv_p[..., :d]]), kj)
     return dq, dkv
 
-  return _over_pairs(st, pairs, grads, q_ids, k_ids, pair_step)
+  return ab.over_visible_pairs(st, pairs, grads, q_ids, k_ids, pair_step)

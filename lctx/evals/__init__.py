@@ -1,1 +1,1 @@
-"""Long-context evaluation: task generators (tasks, needles, synthetic), their examples and scores."""
+"""Long-context evaluation: task generators (tasks, needles, synthetic), examples, scores."""
