@@ -45,12 +45,24 @@ import pytest  # noqa: E402
 def readme_runs(tmp_path_factory):
   """The README's commands, run once at tiny size (tests/readme.py)."""
   from tests.readme import run_readme_commands
+  worker = os.environ.get("PYTEST_XDIST_WORKER")
+  if worker:  # every xdist worker's basetemp lies in one directory of this session
+    marker = tmp_path_factory.getbasetemp().parent / "readme_runs.started"
+    try:
+      os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+      raise RuntimeError(f"the README runs already ran on another worker ({worker} is the "
+                         "second): the tests that read them were not kept on one worker "
+                         "(pytest-xdist --dist loadgroup and the xdist_group marks of "
+                         "pytest_collection_modifyitems)") from None
   return run_readme_commands(str(tmp_path_factory.mktemp("readme")))
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
   # pytest.ini distributes tests over two xdist workers by group (--dist loadgroup): every test
   # that reads the README runs goes to the same worker, so the session fixture runs them once.
+  # tryfirst: xdist's worker names the groups in its own hook, which must see these marks.
   for item in items:
     if "readme_runs" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.xdist_group("readme"))
