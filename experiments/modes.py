@@ -97,20 +97,19 @@ def run_longeval(workdir: str, configs: dict) -> int:
   under <workdir>/longeval."""
   cfg, seq_len = configs["longeval"], configs["data"].seq_len
   tokenizer = data_lib.make_tokenizer(configs["data"].tokenizer)
-  longeval.examples(cfg, tokenizer)  # every example fits, before anything is compiled
+  items = longeval.examples(cfg, tokenizer)  # every example fits, before anything is compiled
   m, step, params = _restore_params(workdir, configs)
   with m.context():
-    rows = longeval.evaluate(m.model, params, tokenizer, cfg, train_len=seq_len)
+    rows = longeval.evaluate(m.model, params, tokenizer, cfg, train_len=seq_len, items=items)
   out = os.path.join(workdir, "longeval")
   columns = ["task", "length", "depth", "examples", "exact_match", "score", "answer_logprob",
              "beyond_training"]
   benchmarking.write_csv(os.path.join(out, "longeval.csv"), rows, columns)
   print(f"checkpoint step {step}, trained at {seq_len} tokens:")
   benchmarking.print_table(rows, columns)
+  score = {(r["task"], r["length"], r["depth"]): r["score"] for r in rows}
   for task in cfg.tasks:
-    grid = np.array([[next(r["score"] for r in rows if r["task"] == task and r["length"] == n
-                           and r["depth"] == float(d)) for n in cfg.lengths]
-                     for d in cfg.depths])
+    grid = np.array([[score[task, int(n), float(d)] for n in cfg.lengths] for d in cfg.depths])
     path = os.path.join(out, f"{task}.png")
     if benchmarking.plot_heatmap(path, grid, cfg.depths, cfg.lengths, "context length (tokens)",
                                  "needle depth", f"{task}: score (step {step})"):

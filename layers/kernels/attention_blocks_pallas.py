@@ -82,7 +82,7 @@ def sinks_grad(st: ab.Tiles, sinks_hg, lse, delta):
 
 def _pad_d(ps: fp.Static, x):
   d = x.shape[-1]
-  return fc.pad_axis(x, x.ndim - 1, fp.fit_to_target(ps.target, 16, 16, d)[2])
+  return fc.pad_axis(x, x.ndim - 1, fp.head_dim_for(ps.target, d))
 
 
 def _at(x, i):

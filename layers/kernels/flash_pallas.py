@@ -73,10 +73,14 @@ class Static:
     return self.target == "gpu"
 
   @property
+  def mosaic(self) -> bool:
+    """Compiled by Mosaic (TPU) or run by its interpreter: the TPU conventions apply."""
+    return self.target == "tpu" or isinstance(self.interpret, pltpu.InterpretParams)
+
+  @property
   def lanes(self) -> int:
     """Width of the row arrays (lse, delta, query segment ids): lane-dense on TPU."""
-    tpu = self.target == "tpu" or isinstance(self.interpret, pltpu.InterpretParams)
-    return 128 if tpu and not self.loop else 1
+    return 128 if self.mosaic and not self.loop else 1
 
   @property
   def sublanes(self) -> int:
@@ -91,7 +95,16 @@ def _target(interpret) -> str | None:
   return backend if backend in ("gpu", "tpu") else None
 
 
-def fit_to_target(target: str | None, bq: int, bk: int, d: int) -> tuple[int, int, int]:
+def _pow2(n: int) -> int:
+  return max(16, 1 << (n - 1).bit_length())
+
+
+def head_dim_for(target: str | None, d: int) -> int:
+  """The head_dim the kernels run at: a power of two >= 16 on GPU (zero-padded), else d."""
+  return _pow2(d) if target == "gpu" else d
+
+
+def _fit_to_target(target: str | None, bq: int, bk: int, d: int) -> tuple[int, int, int]:
   """Block sizes and head_dim the target's lowering accepts (interpret mode takes any).
 
   Triton (GPU) wants power-of-two tiles of at least 16 (the head_dim is zero-padded, which
@@ -99,24 +112,27 @@ def fit_to_target(target: str | None, bq: int, bk: int, d: int) -> tuple[int, in
   and of the key segment ids, to be a multiple of 128.
   """
   if target == "gpu":
-    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())
-    return pow2(bq), pow2(bk), pow2(d)
+    return _pow2(bq), _pow2(bk), head_dim_for(target, d)
   if target == "tpu":
     return bq, fc.round_up(bk, 128), d
   return bq, bk, d
 
 
+def _resolve(interpret):
+  return dispatch.pallas_interpret() if interpret is None else interpret
+
+
 def fit_blocks(interpret, bq: int, bk: int, d: int):
   """(interpret, block_q, block_k, padded head_dim) for this backend; interpret None means
   interpret exactly where Pallas cannot compile (CPU)."""
-  interpret = dispatch.pallas_interpret() if interpret is None else interpret
-  return (interpret,) + fit_to_target(_target(interpret), bq, bk, d)
+  interpret = _resolve(interpret)
+  return (interpret,) + _fit_to_target(_target(interpret), bq, bk, d)
 
 
 def make_static(*, scale, causal, window, block_q, block_k, kv_len, group, has_seg, has_sinks,
                 interpret, with_lse=False, f32_out=False) -> Static:
   """A Static for the current backend (`interpret` None: interpret exactly where needed)."""
-  interpret = dispatch.pallas_interpret() if interpret is None else interpret
+  interpret = _resolve(interpret)
   return Static(float(scale), causal, window, block_q, block_k, kv_len, group, has_seg,
                 has_sinks, interpret, _target(interpret), with_lse, f32_out)
 
@@ -152,7 +168,7 @@ def _compiler_params(st: Static, head_dim: int):
   # room for double-buffered tiles, the logits temporaries and the scratch.
   if st.target == "gpu":
     return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-  if st.target == "tpu" or isinstance(st.interpret, pltpu.InterpretParams):
+  if st.mosaic:
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3 + ("arbitrary",),
                                 vmem_limit_bytes=_vmem_limit(st, head_dim))
   return None

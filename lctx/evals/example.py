@@ -10,6 +10,7 @@ several). Text tasks also keep the strings, so scoring can work on decoded text 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -68,14 +69,15 @@ def fit_haystack(tokenizer, filler: list[str], needles: list[str], query: str, l
   """
 
   def build(n: int) -> str:
-    sentences = [filler[i % len(filler)] for i in range(n)]
+    sentences = _cycle(filler, n)
     slots = sorted(((round(d * n), i) for i, d in enumerate(depths)), reverse=True)
     for at, i in slots:
       sentences.insert(at, needles[i])
     return " ".join(sentences)
 
   query_tokens = encode(tokenizer, query)
-  size = lambda n: len(encode(tokenizer, build(n))) + len(query_tokens)
+  contexts = functools.lru_cache(maxsize=None)(lambda n: encode(tokenizer, build(n)))
+  size = lambda n: len(contexts(n)) + len(query_tokens)
   if size(0) > length:
     raise ValueError(f"{what}: length={length} is below the {size(0)} tokens that the needles and "
                      "the query alone take")
@@ -85,15 +87,16 @@ def fit_haystack(tokenizer, filler: list[str], needles: list[str], query: str, l
   while hi - lo > 1:
     mid = (lo + hi) // 2
     lo, hi = (mid, hi) if size(mid) <= length else (lo, mid)
-  context = encode(tokenizer, build(lo))
+  context = contexts(lo)
   pad = length - len(context) - len(query_tokens)
   if pad:
     n = 1
-    while len(head := encode(tokenizer, build_filler(filler, n) + " ")) < pad:
+    while len(head := encode(tokenizer, " ".join(_cycle(filler, n)) + " ")) < pad:
       n *= 2
     context = np.concatenate([head[-pad:], context])
   return np.concatenate([context, query_tokens]), len(context)
 
 
-def build_filler(filler: list[str], n: int) -> str:
-  return " ".join(filler[i % len(filler)] for i in range(n))
+def _cycle(filler: list[str], n: int) -> list[str]:
+  """The first n sentences of `filler` repeated."""
+  return [filler[i % len(filler)] for i in range(n)]

@@ -92,10 +92,13 @@ def _logits(model, params, tokens):
 
 
 def evaluate(model, params, tokenizer, cfg: LongEvalConfig, train_len: int | None = None,
-             progress=None) -> list[dict]:
-  """One row per (task, length, depth): the mean exact_match, score and answer_logprob."""
+             items=None) -> list[dict]:
+  """One row per (task, length, depth): the mean exact_match, score and answer_logprob.
+
+  `items` is `examples(cfg, tokenizer)` when the caller already built them (None: built here).
+  """
   cells: dict[tuple, list[tuple[float, float, float]]] = {}
-  for key, ex in examples(cfg, tokenizer):
+  for key, ex in examples(cfg, tokenizer) if items is None else items:
     new = cfg.max_new_tokens or sum(len(a) for a in ex.answers) + 4
     out = np.asarray(generate(model, params, jnp.asarray(ex.prompt[None]), jax.random.key(0),
                               max_new_tokens=new))[0]
@@ -104,8 +107,6 @@ def evaluate(model, params, tokenizer, cfg: LongEvalConfig, train_len: int | Non
     cells.setdefault(key, []).append((
         float(scoring.exact_match(out, answer)), task_score(ex, out, tokenizer.decode(out)),
         scoring.answer_logprob(np.asarray(logits, np.float32), answer, len(ex.prompt))))
-    if progress is not None:
-      progress(key)
   rows = []
   for (task, length, depth), scores in cells.items():
     em, score, logprob = np.mean(np.asarray(scores), axis=0)
