@@ -14,6 +14,7 @@ from layers.registry import available_mixers, get_mixer
 from layers.spiking import SpikeConfig
 from lctx.config import ModelConfig, mixer_defaults_unchecked
 from lctx.data import DataConfig
+from lctx.data.config import TaskConfig
 from lctx.evals.longeval import LongEvalConfig
 from lctx.generate import GenerateConfig
 from lctx.optim import OptimizerConfig
@@ -44,6 +45,11 @@ def configured(cls: type):
     with mixer_defaults_unchecked():
       model = register(cls)()
     return with_bound_subconfigs(model)
+  if cls is DataConfig:
+    data = register(cls)()
+    if data.task == TaskConfig():  # `TaskConfig.pairs = 4` applies without DataConfig.task = ...
+      data = dataclasses.replace(data, task=configured(TaskConfig))
+    return data
   return register(cls)()
 
 
@@ -68,7 +74,7 @@ def with_bound_subconfigs(model: ModelConfig) -> ModelConfig:
 
 for _cls in SECTIONS.values():
   register(_cls)
-for _cls in (SequenceParallelConfig, SpikeConfig, MoEConfig, LayerPattern):
+for _cls in (SequenceParallelConfig, SpikeConfig, MoEConfig, LayerPattern, TaskConfig):
   register(_cls)
 for _name in available_mixers():
   register(get_mixer(_name).Config)

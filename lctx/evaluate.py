@@ -5,7 +5,7 @@ from typing import Iterable
 
 import numpy as np
 
-from lctx.losses import next_token_targets
+from lctx.losses import batch_targets
 
 
 def bucket_edges(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:
@@ -22,13 +22,17 @@ def bucket_column(lo: int, hi: int) -> str:
   return f"ppl_pos_{lo}_{hi}"
 
 
-def summarize(ce_sum: np.ndarray, count: np.ndarray, seq_len: int) -> dict[str, float]:
-  """Turns bucketed sums into {"eval_loss", "eval_ppl", "ppl_pos_lo_hi"...}."""
+def summarize(ce_sum: np.ndarray, count: np.ndarray, seq_len: int,
+              correct: np.ndarray | None = None) -> dict[str, float]:
+  """Turns bucketed sums into {"eval_loss", "eval_ppl", "eval_accuracy" (when `correct`, the
+  bucketed argmax hits, is given), "ppl_pos_lo_hi"...}."""
   ce_sum, count = np.asarray(ce_sum, np.float64), np.asarray(count, np.float64)
   if count.sum() == 0:
     raise ValueError("evaluation saw no target tokens; the eval data is empty")
   loss = float(ce_sum.sum() / count.sum())
   out = {"eval_loss": loss, "eval_ppl": math.exp(loss)}
+  if correct is not None:
+    out["eval_accuracy"] = float(np.sum(correct) / count.sum())
   for (lo, hi), s, c in zip(bucket_edges(seq_len, len(count)), ce_sum, count):
     out[bucket_column(lo, hi)] = math.exp(s / c) if c else float("nan")
   return out
@@ -51,7 +55,7 @@ def unigram_loss(counts: np.ndarray, batches: Iterable[dict]) -> float:
   logp = np.log((counts + 1.0) / (counts.sum() + len(counts)))
   total, n = 0.0, 0.0
   for batch in batches:
-    targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+    targets, weights = batch_targets(batch)
     targets, w = np.asarray(targets), np.asarray(weights) > 0
     total -= logp[targets[w]].sum()
     n += w.sum()

@@ -8,7 +8,7 @@ import os
 log = logging.getLogger("lctx")
 
 BASE_COLUMNS = ("kind", "step", "loss", "learning_rate", "grad_norm", "tokens_per_s",
-                "eval_loss", "eval_ppl")
+                "eval_loss", "eval_ppl", "eval_accuracy")
 
 
 class MetricsWriter:

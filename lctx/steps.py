@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lctx.losses import next_token_targets, token_cross_entropy
+from lctx.losses import batch_targets, token_cross_entropy
 
 Batch = dict[str, jax.Array]
 State = dict[str, Any]
@@ -25,7 +25,7 @@ def loss_sums(model, params, batch: Batch):
   objective = ce + aux, so dividing by the global token count gives mean cross-entropy plus the
   token-weighted mean auxiliary loss, however the batch is split into micro-batches.
   """
-  targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+  targets, weights = batch_targets(batch)
   logits, collections = model.apply({"params": params}, batch["tokens"], batch["positions"],
                                     batch["segment_ids"], mutable=["losses"])
   ce = jnp.sum(token_cross_entropy(logits, targets) * weights)
@@ -78,22 +78,23 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
 
 
 def make_eval_step(model, num_buckets: int, seq_len: int):
-  """Builds `eval_step(params, batch) -> (ce_sum[num_buckets], count[num_buckets])`.
+  """Builds `eval_step(params, batch) -> {"ce", "count", "correct"}`, each [num_buckets].
 
-  Tokens are bucketed by their position inside their document (what context they had), in
-  equal-width buckets over [0, seq_len).
+  Per bucket: the summed cross-entropy, the number of weighted targets and how many of them are
+  the argmax of the logits (accuracy, the metric of recall tasks such as MQAR). Tokens are
+  bucketed by their position inside their document (what context they had), in equal-width
+  buckets over [0, seq_len).
   """
 
   def eval_step(params, batch: Batch):
-    targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+    targets, weights = batch_targets(batch)
     logits = model.apply({"params": params}, batch["tokens"], batch["positions"],
                          batch["segment_ids"])
     ce = token_cross_entropy(logits, targets) * weights
-    bucket = jnp.clip(batch["positions"] * num_buckets // seq_len, 0, num_buckets - 1)
-    ce_sum = jnp.zeros((num_buckets,), jnp.float32).at[bucket.reshape(-1)].add(ce.reshape(-1))
-    count = jnp.zeros((num_buckets,), jnp.float32).at[bucket.reshape(-1)].add(
-        weights.reshape(-1))
-    return ce_sum, count
+    hit = (jnp.argmax(logits, axis=-1) == targets) * weights
+    bucket = jnp.clip(batch["positions"] * num_buckets // seq_len, 0, num_buckets - 1).reshape(-1)
+    per_bucket = lambda x: jnp.zeros((num_buckets,), jnp.float32).at[bucket].add(x.reshape(-1))
+    return {"ce": per_bucket(ce), "count": per_bucket(weights), "correct": per_bucket(hit)}
 
   return eval_step
 

@@ -14,6 +14,7 @@ from lctx import data as data_lib
 from lctx import evaluate
 from lctx.checkpoint import Checkpointer
 from lctx.config import ModelConfig
+from lctx.data.tasks import task_vocab
 from lctx.metrics import MetricsWriter
 from lctx.optim import OptimizerConfig, make_optimizer
 from lctx.restore import restore_checkpoint
@@ -77,6 +78,12 @@ def check_compatible(model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
     raise ValueError(f"ModelConfig.vocab_size={model_cfg.vocab_size} is smaller than the "
                      f"tokenizer's vocabulary ({tokenizer.vocab_size}, DataConfig.tokenizer="
                      f"{data_cfg.tokenizer!r})")
+  if data_cfg.task_name is not None:
+    vocab = task_vocab(data_cfg, tokenizer)
+    if vocab > model_cfg.vocab_size:
+      raise ValueError(f"ModelConfig.vocab_size={model_cfg.vocab_size} is smaller than the "
+                       f"vocabulary of DataConfig.source={data_cfg.source!r} ({vocab}, "
+                       "TaskConfig.vocab)")
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   per_micro = data_cfg.batch_size // train_cfg.grad_accum_steps
   if data_cfg.batch_size % train_cfg.grad_accum_steps or per_micro % dp:
@@ -102,11 +109,11 @@ def global_batch(m: ModelOnMesh, local_batch: dict) -> dict:
 
 
 def run_eval(m: ModelOnMesh, eval_step, params, batches, seq_len: int) -> dict[str, float]:
-  ce_sum, count = 0.0, 0.0
+  sums = None
   for batch in batches:
-    s, c = eval_step(params, global_batch(m, batch))
-    ce_sum, count = ce_sum + np.asarray(s), count + np.asarray(c)
-  return evaluate.summarize(ce_sum, count, seq_len)
+    out = jax.device_get(eval_step(params, global_batch(m, batch)))
+    sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
+  return evaluate.summarize(sums["ce"], sums["count"], seq_len, sums["correct"])
 
 
 def make_jitted_eval(m: ModelOnMesh, train_cfg: TrainConfig, seq_len: int):
@@ -241,8 +248,7 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
         if not bool(finite(state["params"])):
           raise diverged(f"the parameters after step {step} hold NaN or infinite values "
                          f"(not saved)")
-        probe_sum, _ = eval_step(state["params"], global_batch(m, eval_data[0]))
-        probe = float(np.sum(np.asarray(probe_sum)))
+        probe = float(np.sum(eval_step(state["params"], global_batch(m, eval_data[0]))["ce"]))
         if not math.isfinite(probe):
           raise diverged(f"the parameters after step {step} give a loss of {probe} on a "
                          f"held-out batch (not saved)")

@@ -74,9 +74,14 @@ def test_eval_step_buckets_by_document_position():
   m, _ = _setup(1)
   params = m.init_state(0)["params"]
   batch = _batch(2)
-  ce_sum, count = make_eval_step(m.model, num_buckets=3, seq_len=24)(params, batch)
-  _, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+  out = make_eval_step(m.model, num_buckets=3, seq_len=24)(params, batch)
+  count = out["count"]
+  targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
   assert float(count.sum()) == float(weights.sum())
+  logits = m.model.apply({"params": params}, batch["tokens"], batch["positions"],
+                         batch["segment_ids"])
+  hits = (np.argmax(np.asarray(logits), -1) == np.asarray(targets)) * np.asarray(weights)
+  assert float(out["correct"].sum()) == float(hits.sum())
   pos = np.asarray(batch["positions"])[np.asarray(weights) > 0]
   np.testing.assert_array_equal(count, np.bincount(pos * 3 // 24, minlength=3))
 

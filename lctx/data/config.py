@@ -12,8 +12,49 @@ import dataclasses
 
 from sharding.validation import check_fields
 
-SOURCES = ("stdlib", "text", "jsonl", "parquet")
+SOURCES = ("stdlib", "text", "jsonl", "parquet", "task:<name>")
 USER_SOURCES = ("text", "jsonl", "parquet")
+TASK_PREFIX = "task:"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """Training rows made by an evaluation task (`DataConfig.source = 'task:<name>'`).
+
+  Attributes:
+    pairs: mqar: key-value pairs per sequence.
+    vocab: mqar: its vocabulary (keys from [1, vocab/2), values from [vocab/2, vocab)); 0 means
+      the tokenizer's vocabulary. Must not exceed ModelConfig.vocab_size.
+    power_a: mqar: the exponent of the query-gap law p(gap = i) ~ a * i^(a - 1).
+    answer_tokens: text tasks: tokens kept at the end of each row for the answer (the prompt
+      fills the rest); an answer longer than this is refused.
+    depth_min: text tasks: needle depths are drawn uniformly from [depth_min, depth_max].
+    depth_max: see depth_min.
+    train_examples: size of the fixed training set, repeated in a new order every epoch (Zoology
+      trains on a fixed set); 0 means a fresh example for every row.
+  """
+
+  pairs: int = 8
+  vocab: int = 0
+  power_a: float = 0.01
+  answer_tokens: int = 16
+  depth_min: float = 0.0
+  depth_max: float = 1.0
+  train_examples: int = 0
+
+  def __post_init__(self):
+    check_fields(self)
+    for name in ("pairs", "answer_tokens"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TaskConfig.{name}: must be >= 1, got {getattr(self, name)}")
+    for name in ("vocab", "train_examples"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TaskConfig.{name}: must be >= 0, got {getattr(self, name)}")
+    if not 0.0 < self.power_a <= 1.0:
+      raise ValueError(f"TaskConfig.power_a: must lie in (0, 1], got {self.power_a}")
+    if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
+      raise ValueError(f"TaskConfig.depth_min={self.depth_min}, depth_max={self.depth_max}: "
+                       "need 0 <= depth_min <= depth_max <= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +64,9 @@ class DataConfig:
   Attributes:
     source: "stdlib" (the running Python's standard library, needs no
       download), "text" (one document per file), "jsonl" (one document per
-      line) or "parquet" (one document per row).
+      line), "parquet" (one document per row), or "task:<name>": rows made by
+      an evaluation task (lctx/evals: "task:mqar", "task:passkey", ...), with
+      the loss on the answer positions only (see `task`).
     paths: Files or glob patterns for the user sources. Ignored for "stdlib".
     text_field: Key of the document text in jsonl records / parquet column.
     tokenizer: "byte", a sentencepiece ``.model`` file or an HF
@@ -47,6 +90,7 @@ class DataConfig:
       positions restarting at every document. If False, every row is one
       segment and positions are ``arange(seq_len)``.
     seed: Seed of the training shuffle.
+    task: The task's settings when `source` is "task:<name>".
   """
 
   source: str = "stdlib"
@@ -60,6 +104,7 @@ class DataConfig:
   eval_every_nth: int = 20
   document_mask: bool = True
   seed: int = 0
+  task: TaskConfig = TaskConfig()
 
   def __post_init__(self):
     # gin and YAML hand over lists; a frozen dataclass must stay hashable, so
@@ -71,7 +116,13 @@ class DataConfig:
 
   def _validate(self) -> None:
     """Raises ValueError naming the offending setting."""
-    if self.source not in SOURCES:
+    if not isinstance(self.task, TaskConfig):
+      raise ValueError(f"DataConfig.task={self.task!r} must be a TaskConfig (@TaskConfig())")
+    if self.source.startswith(TASK_PREFIX):
+      from lctx.data import tasks  # the task registry imports the corpus, which imports this
+
+      tasks.check_task_name(self.task_name)
+    elif self.source not in SOURCES:
       raise ValueError(
           f"DataConfig.source: unknown source {self.source!r}; expected one"
           f" of {', '.join(SOURCES)}"
@@ -98,6 +149,13 @@ class DataConfig:
           "DataConfig.long_fraction: must be in [0, 1], got"
           f" {self.long_fraction!r}"
       )
+
+  @property
+  def task_name(self) -> str | None:
+    """The task of a "task:<name>" source, else None."""
+    if self.source.startswith(TASK_PREFIX):
+      return self.source[len(TASK_PREFIX):]
+    return None
 
   @property
   def piece_length(self) -> int:

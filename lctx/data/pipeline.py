@@ -8,6 +8,9 @@ Every batch is a dict of int32 numpy arrays of shape [rows, seq_len]:
 * ``positions``: position within the segment, 0 at each segment start and on
   padding. With ``document_mask=False``: ``arange(seq_len)``.
 
+A "task:<name>" source makes one example per row instead and adds the
+``targets`` and float32 ``weights`` of its loss (`lctx.data.tasks`).
+
 Training cuts every document into pieces (see `lctx.data.pieces`), shuffles
 the pieces of the whole corpus and packs them end to end, so training rows
 are never padded. Eval packs the held-out documents in order and takes rows
@@ -25,6 +28,7 @@ from lctx.data import documents
 from lctx.data import packing
 from lctx.data import pieces
 from lctx.data import sources
+from lctx.data import tasks
 from lctx.data.config import DataConfig
 from lctx.data.tokenizers import Tokenizer
 from lctx.data.tokenizers import make_tokenizer
@@ -173,6 +177,9 @@ def train_iterator(
         f" shard_count={shard_count}"
     )
   tokenizer = _resolve_tokenizer(tokenizer)
+  if cfg.task_name is not None:
+    return tasks.train_iterator(cfg, tokenizer, shard_index=shard_index,
+                                shard_count=shard_count)
   mix = training_pieces(cfg, shard_index=shard_index, shard_count=shard_count)
   rows = packing.pack(
       mix.dataset.map(_text),
@@ -222,6 +229,8 @@ def eval_batches(
   if num_batches < 1:
     raise ValueError(f"eval_batches: num_batches must be >= 1, got {num_batches}")
   tokenizer = _resolve_tokenizer(tokenizer)
+  if cfg.task_name is not None:
+    return tasks.eval_batches(cfg, tokenizer, num_batches)
   docs = sources.eval_documents(cfg)
   tokenize = packing.Tokenize(tokenizer)
   tokenized = [t for t in map(tokenize, docs) if len(t["tokens"])]
