@@ -83,15 +83,26 @@ def _pyplot(path: str):
 def plot_lines(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
                title: str) -> bool:
   """Log-log line plot of {label: (xs, ys)}; returns False (and logs) without matplotlib."""
+  return plot_panels(path, {title: series}, xlabel, ylabel, yscale="log")
+
+
+def plot_panels(path: str, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str,
+                ylabel: str, *, xscale: str = "log", yscale: str = "linear",
+                ylim: tuple[float, float] | None = None) -> bool:
+  """One line plot per panel {title: {label: (xs, ys)}}, side by side; returns False (and logs)
+  without matplotlib."""
   plt = _pyplot(path)
   if plt is None:
     return False
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, (xs, ys) in series.items():
-    ax.plot(xs, ys, marker="o", label=label)
-  ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, len(panels), figsize=(1 + 5 * len(panels), 4.5), squeeze=False)
+  for ax, (title, series) in zip(axes[0], panels.items()):
+    for label, (xs, ys) in series.items():
+      ax.plot(xs, ys, marker="o", label=label)
+    ax.set(xscale=xscale, yscale=yscale, xlabel=xlabel, ylabel=ylabel, title=title)
+    if ylim is not None:
+      ax.set_ylim(*ylim)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

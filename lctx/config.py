@@ -48,7 +48,8 @@ class ModelConfig:
 
   Attributes:
     vocab_size: must equal the tokenizer's vocabulary size (checked at start-up).
-    d_model, num_layers, d_ff: widths and depth.
+    d_model, num_layers, d_ff: widths and depth; d_ff = 0 leaves the FFN out (mixer-only blocks,
+      as in Zoology's MQAR models), except in MoE layers.
     mixers: mixer names from layers.registry, one per layer or a single name for every layer, or
       a LayerPattern (lctx/patterns.py; `ModelConfig.mixers = @LayerPattern()` in gin), expanded
       here into one name per layer. A name joining mixers with "+" ("gla+swa") makes that layer
@@ -96,9 +97,11 @@ class ModelConfig:
     check_fields(self)
     # Stored as sorted (name, config) pairs so that the config (and modules holding it) hash.
     object.__setattr__(self, "mixer_options", tuple(sorted(dict(self.mixer_options).items())))
-    for name in ("vocab_size", "d_model", "num_layers", "d_ff"):
+    for name in ("vocab_size", "d_model", "num_layers"):
       if getattr(self, name) < 1:
         raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.d_ff < 0:
+      raise ValueError(f"ModelConfig.d_ff must be >= 0 (0: no FFN), got {self.d_ff}")
     if len(self.mixers) not in (1, self.num_layers):
       raise ValueError(f"ModelConfig.mixers has {len(self.mixers)} entries; give one name or "
                        f"num_layers={self.num_layers} names")
@@ -119,6 +122,9 @@ class ModelConfig:
     if self.moe.enabled and late:
       raise ValueError(f"MoEConfig.dense_layers={self.moe.dense_layers}: indices {late} are >= "
                        f"ModelConfig.num_layers={self.num_layers} (indices are 0-based)")
+    if self.moe.enabled and self.d_ff == 0 and self.moe.d_expert is None:
+      raise ValueError("ModelConfig.d_ff=0 with MoEConfig.enabled: the experts take their width "
+                       "from d_ff; set ModelConfig.d_ff or MoEConfig.d_expert")
     for name, options in self.mixer_options:
       cls = get_mixer(name) if name in available_mixers() else None
       if cls is None:

@@ -44,6 +44,8 @@ class Block(nn.Module):
     h = RMSNorm(cfg.norm_eps, dt, pdt, name="mixer_norm")(x_bte)
     x_bte = x_bte + mixer(h, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt,
                           decode=decode)
+    if cfg.d_ff == 0 and not cfg.uses_moe(i):  # a mixer-only block
+      return nn.with_logical_constraint(x_bte, ("batch", "length", "embed"))
     h = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x_bte)
     if cfg.uses_moe(i):
       ffn = MoEFFN(cfg.d_model, cfg.d_ff, cfg.moe, dt, pdt, spiking=cfg.spiking, name="moe")

@@ -37,3 +37,16 @@ def test_registry_rejects_duplicates_and_unknown_names():
     register_mixer("attention")(type("Other", (), {"Config": AttentionConfig}))
   with pytest.raises(ValueError, match="unknown mixer 'x'"):
     get_mixer("x")
+
+
+def test_d_ff_zero_builds_mixer_only_blocks():
+  import jax
+  import jax.numpy as jnp
+
+  from lctx.model import DecoderLM
+
+  params = DecoderLM(ModelConfig(d_model=16, num_layers=2, d_ff=0)).init(
+      jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  assert set(params["layer_0"]) == {"mixer", "mixer_norm"}
+  with pytest.raises(ValueError, match=r"ModelConfig\.d_ff must be >= 0"):
+    ModelConfig(d_ff=-1)

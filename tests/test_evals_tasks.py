@@ -1,12 +1,18 @@
 """Evaluation task generators (lctx/evals): hand-checked texts, the invariants of every task
-(needles present once at the requested depth, prompts that fit, answers), Zoology's MQAR law and
-labels, determinism, and the errors that name the setting."""
+(needles present once at the requested depth, prompts that fit, answers), bAbI answers against
+a re-simulation of the printed story, code haystacks against the stdlib files, common-word
+counts, Zoology's MQAR law and labels, determinism, and the errors that name the setting."""
+
+import collections
+import os
+import re
 
 import numpy as np
 import pytest
 
+from lctx.data import corpus
 from lctx.data.tokenizers import ByteTokenizer
-from lctx.evals import needles, synthetic
+from lctx.evals import babi, common_words, longeval, needles, synthetic
 from lctx.evals.tasks import TASKS, make_example
 
 TOK = ByteTokenizer()
@@ -102,6 +108,160 @@ def test_variable_tracking_chain():
   assert f"assigned the value {value}" in text(ex.prompt[ex.context_len:])
 
 
+DROPPED = ("dropped", "put down", "discarded", "left")
+FACT = re.compile(r"(Mary|John|Daniel|Sandra) ((?:moved|went back|went|journeyed|travelled) to|"
+                  r"picked up|got|grabbed|took|dropped|put down|discarded|left) the (\w+)\.")
+
+
+def resimulate(facts):
+  """Where each actor is and the trail of places of each object after the (actor, verb, thing)
+  facts, asserting that each pick-up and drop is possible where it happens."""
+  where, holder, trail = {}, {}, collections.defaultdict(list)
+  for actor, verb, thing in facts:
+    if verb.endswith(" to"):
+      where[actor] = thing
+      for obj in [o for o, h in holder.items() if h == actor]:
+        if trail[obj][-1:] != [thing]:
+          trail[obj].append(thing)
+    elif verb in ("picked up", "got", "grabbed", "took"):
+      assert holder.get(thing) is None, (actor, verb, thing)  # nobody holds it
+      assert not trail[thing] or trail[thing][-1] == where.get(actor), (actor, verb, thing)
+      holder[thing] = actor
+      if actor in where and trail[thing][-1:] != [where[actor]]:
+        trail[thing].append(where[actor])
+    else:
+      assert verb in DROPPED and holder.get(thing) == actor, (actor, verb, thing)
+      holder[thing] = None
+  return where, trail
+
+
+@pytest.mark.parametrize("qa", [1, 2, 3])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_babi_answers_follow_the_story(qa, depth):
+  for seed in range(30):
+    ex = make_example(f"babi_qa{qa}", TOK, 900, depth=depth, seed=seed)
+    context, query = text(ex.prompt[:ex.context_len]), text(ex.prompt[ex.context_len:])
+    facts = FACT.findall(context)
+    assert len(facts) == 6 + qa  # distractors + supporting facts
+    assert len({f[0] for f in facts}) >= 2 and len({f[2] for f in facts}) >= 3  # others too
+    where, trail = resimulate(facts)
+    if qa == 1:
+      (actor,) = re.fullmatch(r"\nQuestion: Where is (\w+)\? Answer: \1 is in the", query).groups()
+      want = where[actor]
+      first = max(i for i, f in enumerate(facts) if f[0] == actor and f[1].endswith(" to"))
+    elif qa == 2:
+      (obj,) = re.fullmatch(r"\nQuestion: Where is the (\w+)\? Answer: The \1 is in the",
+                            query).groups()
+      want = trail[obj][-1]
+    else:
+      obj, second = re.fullmatch(r"\nQuestion: Where was the (\w+) before the (\w+)\? Answer: "
+                                 r"Before the \2, the \1 was in the", query).groups()
+      assert trail[obj].count(second) == 1 and trail[obj][0] != second
+      want = trail[obj][trail[obj].index(second) - 1]
+    if qa > 1:  # the supporting facts start with the (only) pick-up of the asked object
+      (first,) = [i for i, f in enumerate(facts) if f[2] == obj and f[1] not in DROPPED]
+    assert ex.answer_texts == (want,) and want in babi.LOCATIONS
+    assert text(ex.answers[0]) == " " + want
+    # The first supporting fact sits at `depth` of the noise: count filler sentences before it.
+    sentences = re.findall(r"[A-Z][^.]*\.", context)
+    noise = [s in needles.PASSKEY_FILLER for s in sentences]
+    at = [i for i, s in enumerate(sentences) if FACT.fullmatch(s)][first]
+    assert sum(noise[:at]) / sum(noise) == pytest.approx(depth, abs=3 / sum(noise) + 0.01)
+    assert ex.depth == depth
+
+
+def stdlib_lines(lines) -> int:
+  """Asserts that the lines after the first "# file: " header are lines of the stdlib file named
+  by the header above them, all in one package; returns how many were checked."""
+  files, current, checked = {}, None, 0
+  for line in lines:
+    if line.startswith("# file: "):
+      current = line[len("# file: "):]
+      if current not in files:
+        with open(os.path.join(corpus.stdlib_root(), current), "rb") as f:
+          files[current] = set(f.read().decode("utf-8", errors="replace").split("\n"))
+    elif current is not None:
+      assert line in files[current], (current, line)
+      checked += 1
+  assert len({name.split("/")[0] for name in files}) == 1, sorted(files)
+  return checked
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_needle_code_is_one_line_at_its_depth_in_stdlib_code(depth):
+  ex = make_example("needle_code", TOK, 3000, depth=depth, seed=11)
+  value = ex.answer_texts[0]
+  assert len(value) == 7 and value.isdigit() and text(ex.answers[0]) == " " + value
+  query = text(ex.prompt[ex.context_len:])
+  (name,) = re.fullmatch(r"\n# Question: what is the value of ([A-Z]{5}_[A-Z]{5}) assigned "
+                         r"above\?\n# Answer: \1 =", query).groups()
+  context = text(ex.prompt[:ex.context_len])
+  lines = context.split("\n")
+  assert context.count(name) == 1 and lines.count(f"{name} = {value}") == 1
+  at = lines.index(f"{name} = {value}")
+  assert at / len(lines) == pytest.approx(depth, abs=3 / len(lines) + 0.01), (at, len(lines))
+  assert stdlib_lines(lines[:at] + lines[at + 1:]) > 40
+
+
+def test_passkey_code_is_the_passkey_in_stdlib_code():
+  ex = make_example("passkey_code", TOK, 2500, depth=0.3, seed=2)
+  key = ex.answer_texts[0]
+  prompt = text(ex.prompt)
+  assert prompt.endswith("\nWhat is the pass key? The pass key is")
+  lines = text(ex.prompt[:ex.context_len]).split("\n")
+  needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+  assert lines.count(needle) == 1 and prompt.count(key) == 2
+  at = lines.index(needle)
+  assert at / len(lines) == pytest.approx(0.3, abs=3 / len(lines) + 0.01)
+  assert stdlib_lines(lines[:at] + lines[at + 1:]) > 40
+  # Seeds draw different package documents.
+  headers = {text(make_example("passkey_code", TOK, 600, seed=s).prompt).split("# file: ")[1]
+             .split("/")[0] for s in range(8)}
+  assert len(headers) > 1
+
+
+@pytest.mark.parametrize("length,repeats", [(512, (2, 1)), (600, (3, 1)), (1024, (6, 1)),
+                                            (4000, (30, 3))])
+def test_common_words_counts(length, repeats):
+  assert repeats in common_words.REPEATS
+  ex = make_example("common_words", TOK, length, seed=5)
+  assert ex.depth is None and len(ex.answers) == 10 and len(set(ex.answer_texts)) == 10
+  context, query = text(ex.prompt[:ex.context_len]), text(ex.prompt[ex.context_len:])
+  assert query == ("\nQuestion: What are the 10 most common words in the above list? Answer: "
+                   "The top 10 words that appear most often in the list are:")
+  listing = context[context.index("1. "):]
+  entries = re.findall(r"(\d+)\. ([a-z]{5})( |$)", listing)
+  assert " ".join(f"{i}. {w}" for i, w, _ in entries) == listing
+  assert [int(i) for i, _, _ in entries] == list(range(1, len(entries) + 1))
+  counts = collections.Counter(w for _, w, _ in entries)
+  common, uncommon = repeats
+  assert all(counts[w] == common for w in ex.answer_texts), counts
+  others = [counts[w] for w in counts if w not in ex.answer_texts]
+  assert len(others) >= 10 and set(others) == {uncommon}
+  # The list fills the length: one more uncommon word (its repeats) would not fit in the pad.
+  assert len(context) - len(listing) < uncommon * len(" 1000. abcde")
+  assert [text(a) for a in ex.answers] == [" " + w for w in ex.answer_texts]
+
+
+def test_longeval_seeds_and_scores_of_the_new_tasks(monkeypatch):
+  cfg = longeval.LongEvalConfig()
+  before = longeval._seed(cfg, "passkey", 512, 0.5, 0)
+  # A task named to sort first would have shifted every index of a sorted registry.
+  monkeypatch.setitem(TASKS, "aaa", TASKS["passkey"])
+  assert longeval._seed(cfg, "passkey", 512, 0.5, 0) == before
+  assert longeval._seed(cfg, "passkey_code", 512, 0.5, 0) != before
+  for task in ("passkey_code", "needle_code"):
+    ex = make_example(task, TOK, 800)
+    answer = ex.answer_texts[0]
+    assert longeval.task_score(ex, None, f" {answer}, then 1.") == 1.0
+    assert longeval.task_score(ex, None, f" 1 then {answer}") == 0.0  # first number only
+  ex = make_example("babi_qa3", TOK, 800)
+  assert longeval.task_score(ex, None, f" {ex.answer_texts[0]}.") == 1.0
+  assert longeval.task_score(ex, None, " nowhere.") == 0.0
+  ex = make_example("common_words", TOK, 800)
+  assert longeval.task_score(ex, None, " " + ", ".join(ex.answer_texts[:4])) == 0.4
+
+
 def test_selective_copy():
   ex = make_example("selective_copy", TOK, 200, seed=4)
   data = ex.answers[0]
@@ -163,6 +323,15 @@ def test_bad_requests_name_the_setting():
     synthetic.mqar(np.random.default_rng(0), 1, 32, 4, 30)
   with pytest.raises(ValueError, match=r"variant='x' must be one of"):
     needles.niah(TOK, 500, 0.5, np.random.default_rng(0), variant="x")
+  for task, short in [("babi_qa2", 150), ("passkey_code", 60), ("needle_code", 90)]:
+    with pytest.raises(ValueError, match=rf"task '{task}': length={short} is below the \d+ tokens "
+                       "that the needles and the query alone take"):
+      make_example(task, TOK, short)
+  with pytest.raises(ValueError, match=r"task 'common_words': length=300 is below the \d+ tokens "
+                     r"that the shortest list \(10 common words 2 times each"):
+    make_example("common_words", TOK, 300)
+  with pytest.raises(ValueError, match=r"babi: qa=4 must be 1, 2 or 3"):
+    babi.babi(TOK, 500, 0.5, np.random.default_rng(0), qa=4)
 
   class Lowercase(ByteTokenizer):  # loses capitals: cannot represent the task's text
     def encode(self, s):
@@ -170,3 +339,6 @@ def test_bad_requests_name_the_setting():
 
   with pytest.raises(ValueError, match=r"cannot represent"):
     make_example("passkey", Lowercase(), 500)
+  with pytest.raises(ValueError, match=r"task 'needle_code': the tokenizer .* cannot represent "
+                     r"the stdlib package '\w+'"):
+    make_example("needle_code", Lowercase(), 500)

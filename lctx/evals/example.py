@@ -57,15 +57,16 @@ def encode(tokenizer, text: str) -> np.ndarray:
 
 
 def fit_haystack(tokenizer, filler: list[str], needles: list[str], query: str, length: int,
-                 depths: list[float], what: str) -> tuple[np.ndarray, int]:
+                 depths: list[float], what: str, sep: str = " ") -> tuple[np.ndarray, int]:
   """A prompt of exactly `length` tokens: filler sentences with `needles` inserted, then `query`.
 
   The number of filler sentences is searched (bisection) so that context + query is at most
   `length` tokens; needle i goes before the filler sentence at fraction depths[i] of the filler.
   The remaining few tokens are the tail of more filler, in front, so that every prompt of one
   length has the same shape (one compilation per length). `filler` is a list of sentences
-  cycled as needed. Returns (prompt tokens, context length). Raises a ValueError naming the
-  setting when even the needles and query alone do not fit.
+  cycled as needed and joined by `sep` (a space for prose, a newline for lines of code).
+  Returns (prompt tokens, context length). Raises a ValueError naming the setting when even the
+  needles and query alone do not fit.
   """
 
   def build(n: int) -> str:
@@ -73,7 +74,7 @@ def fit_haystack(tokenizer, filler: list[str], needles: list[str], query: str, l
     slots = sorted(((round(d * n), i) for i, d in enumerate(depths)), reverse=True)
     for at, i in slots:
       sentences.insert(at, needles[i])
-    return " ".join(sentences)
+    return sep.join(sentences)
 
   query_tokens = encode(tokenizer, query)
   contexts = functools.lru_cache(maxsize=None)(lambda n: encode(tokenizer, build(n)))
@@ -81,20 +82,33 @@ def fit_haystack(tokenizer, filler: list[str], needles: list[str], query: str, l
   if size(0) > length:
     raise ValueError(f"{what}: length={length} is below the {size(0)} tokens that the needles and "
                      "the query alone take")
+  context = contexts(largest_fit(size, length))
+  context = pad_front(tokenizer, filler, context, length - len(context) - len(query_tokens), sep)
+  return np.concatenate([context, query_tokens]), len(context)
+
+
+def largest_fit(size, length: int) -> int:
+  """The n >= 0 found by doubling then bisection with size(n) <= length < size(n + 1), for a
+  `size` that grows with n and size(0) <= length (e.g. tokens of a prompt with n items)."""
   lo, hi = 0, 1
   while size(hi) <= length:
     lo, hi = hi, hi * 2
   while hi - lo > 1:
     mid = (lo + hi) // 2
     lo, hi = (mid, hi) if size(mid) <= length else (lo, mid)
-  context = contexts(lo)
-  pad = length - len(context) - len(query_tokens)
-  if pad:
-    n = 1
-    while len(head := encode(tokenizer, " ".join(_cycle(filler, n)) + " ")) < pad:
-      n *= 2
-    context = np.concatenate([head[-pad:], context])
-  return np.concatenate([context, query_tokens]), len(context)
+  return lo
+
+
+def pad_front(tokenizer, filler: list[str], context: np.ndarray, pad: int,
+              sep: str = " ") -> np.ndarray:
+  """`context` preceded by the last `pad` tokens of filler sentences (cycled, joined by `sep`):
+  the few tokens a fitted prompt lacks to be exactly its length."""
+  if not pad:
+    return context
+  n = 1
+  while len(head := encode(tokenizer, sep.join(_cycle(filler, n)) + sep)) < pad:
+    n *= 2
+  return np.concatenate([head[-pad:], context])
 
 
 def _cycle(filler: list[str], n: int) -> list[str]:

@@ -54,11 +54,14 @@ def _spread(depth: float, n: int) -> list[float]:
   return [depth] + [float(x) for x in others[:n - 1]]
 
 
-def _example(task, tokenizer, needles, query, answers, length, depths, depth):
+def text_example(task, tokenizer, needles, query, answers, length, depths, depth, *,
+                 filler=PASSKEY_FILLER, sep=" ") -> Example:
+  """The `Example` of a text task: `needles` at `depths` in `filler` (joined by `sep`), then a
+  newline and `query`; the answers are the strings `answers`, each after a space."""
   query = "\n" + query
   check_representable(tokenizer, needles + [query] + answers, f"task {task!r}")
-  prompt, context_len = fit_haystack(tokenizer, PASSKEY_FILLER, needles, query, length, depths,
-                                     f"task {task!r}")
+  prompt, context_len = fit_haystack(tokenizer, filler, needles, query, length, depths,
+                                     f"task {task!r}", sep)
   return Example(task, prompt, tuple(encode(tokenizer, " " + a) for a in answers),
                  tuple(answers), depth, context_len)
 
@@ -66,7 +69,7 @@ def _example(task, tokenizer, needles, query, answers, length, depths, depth):
 def passkey(tokenizer, length: int, depth: float, rng) -> Example:
   key = _number(rng, 5)
   needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-  return _example("passkey", tokenizer, [needle], "What is the pass key? The pass key is",
+  return text_example("passkey", tokenizer, [needle], "What is the pass key? The pass key is",
                   [key], length, [depth], depth)
 
 
@@ -105,7 +108,7 @@ def niah(tokenizer, length: int, depth: float, rng, *, variant: str = "single",
     raise ValueError(f"niah: variant={variant!r} must be one of single, multikey, multivalue, "
                      "multiquery")
   query = _magic_query(asked, len(answers))
-  return _example(task, tokenizer, needles, query, answers, length,
+  return text_example(task, tokenizer, needles, query, answers, length,
                   _spread(depth, len(needles)), depth)
 
 
@@ -119,4 +122,4 @@ def variable_tracking(tokenizer, length: int, depth: float, rng, *, hops: int = 
   query = (f"Find all variables that are assigned the value {value} in the text above. Answer: "
            f"According to the chain(s) of variable assignment in the text above, {hops + 1} "
            f"variables are assigned the value {value}, they are:")
-  return _example("variable_tracking", tokenizer, needles, query, names, length, depths, depth)
+  return text_example("variable_tracking", tokenizer, needles, query, names, length, depths, depth)

@@ -1,10 +1,10 @@
 """The registry of evaluation tasks that produce `Example`s, and one entry that checks a
 request and builds a deterministic example from a seed.
 
-Text tasks (passkey, RULER needles, variable tracking) need a tokenizer that represents their
-text (the byte tokenizer does); token-space tasks (selective copying) use ids below the
-tokenizer's vocabulary. MQAR, which labels many positions per sequence, is
-`lctx.evals.synthetic.mqar`.
+Text tasks (passkey, RULER needles, variable tracking and common words, bAbI in noise, needles
+in stdlib code) need a tokenizer that represents their text (the byte tokenizer does);
+token-space tasks (selective copying) use ids below the tokenizer's vocabulary. MQAR, which
+labels many positions per sequence, is `lctx.evals.synthetic.mqar`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from lctx.evals import needles, synthetic
+from lctx.evals import babi, code, common_words, needles, synthetic
 from lctx.evals.example import Example, check_depth
 
 
@@ -29,6 +29,12 @@ TASKS = {
     "niah_multivalue": functools.partial(needles.niah, variant="multivalue"),
     "niah_multiquery": functools.partial(needles.niah, variant="multiquery"),
     "variable_tracking": needles.variable_tracking,
+    "common_words": common_words.common_words,
+    "babi_qa1": functools.partial(babi.babi, qa=1),
+    "babi_qa2": functools.partial(babi.babi, qa=2),
+    "babi_qa3": functools.partial(babi.babi, qa=3),
+    "passkey_code": code.passkey_code,
+    "needle_code": code.needle_code,
     "selective_copy": _selective_copy,
 }
 
