@@ -15,6 +15,7 @@ from sharding.validation import check_fields
 SOURCES = ("stdlib", "text", "jsonl", "parquet", "task:<name>")
 USER_SOURCES = ("text", "jsonl", "parquet")
 TASK_PREFIX = "task:"
+MQAR = "mqar"  # the token-space task that labels many positions (lctx.evals.synthetic)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +120,12 @@ class DataConfig:
     if not isinstance(self.task, TaskConfig):
       raise ValueError(f"DataConfig.task={self.task!r} must be a TaskConfig (@TaskConfig())")
     if self.source.startswith(TASK_PREFIX):
-      from lctx.data import tasks  # the task registry imports the corpus, which imports this
+      from lctx.evals.tasks import TASKS  # the task registry imports the corpus
 
-      tasks.check_task_name(self.task_name)
+      names = sorted([MQAR, *TASKS])
+      if self.task_name not in names:
+        raise ValueError(f"DataConfig.source={self.source!r}: unknown task; expected "
+                         f"task:<name> with <name> one of {', '.join(names)}")
     elif self.source not in SOURCES:
       raise ValueError(
           f"DataConfig.source: unknown source {self.source!r}; expected one"

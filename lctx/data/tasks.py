@@ -22,25 +22,14 @@ import grain
 import numpy as np
 
 from lctx.data import packing
-from lctx.data.config import DataConfig
+from lctx.data.config import MQAR, DataConfig
 from lctx.evals import synthetic
 from lctx.evals.example import Example, encode
-from lctx.evals.tasks import TASKS, make_example
+from lctx.evals.tasks import make_example
 
-MQAR = "mqar"
 TRAIN, EVAL = 0, 1
 _UNLIMITED = 2**31 - 1  # rows of a fresh-example stream
 _CHECKED_ROWS = 4  # rows built while the pipeline is set up, so bad settings fail first
-
-
-def task_names() -> list[str]:
-  return sorted([MQAR, *TASKS])
-
-
-def check_task_name(name: str) -> None:
-  if name not in task_names():
-    raise ValueError(f"DataConfig.source='task:{name}': unknown task; expected task:<name> with "
-                     f"<name> one of {', '.join(task_names())}")
 
 
 def task_vocab(cfg: DataConfig, tokenizer) -> int:
