@@ -128,6 +128,7 @@ def train_iterator(cfg: DataConfig, tokenizer, *, shard_index: int,
 
 def eval_batches(cfg: DataConfig, tokenizer, num_batches: int) -> list[dict[str, np.ndarray]]:
   """num_batches batches of held-out rows (split 1: seeds no training row has)."""
-  rows = _rows(cfg, tokenizer, EVAL, num_batches * cfg.batch_size)
-  return [{k: np.stack([rows[b * cfg.batch_size + i][k] for i in range(cfg.batch_size)])
+  source = _rows(cfg, tokenizer, EVAL, num_batches * cfg.batch_size)
+  rows = [source[i] for i in range(len(source))]  # each row made once
+  return [{k: np.stack([r[k] for r in rows[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
            for k in rows[0]} for b in range(num_batches)]

@@ -21,7 +21,7 @@ import functools
 import string
 
 from lctx.evals.example import Example
-from lctx.evals.needles import _number, _word, text_example
+from lctx.evals.needles import number, word, text_example
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,7 +51,7 @@ def _document(task: str, tokenizer, rng) -> tuple[str, tuple[str, ...]]:
 
 def passkey_code(tokenizer, length: int, depth: float, rng) -> Example:
   _, lines = _document("passkey_code", tokenizer, rng)
-  key = _number(rng, 5)
+  key = number(rng, 5)
   needle = f"The pass key is {key}. Remember it. {key} is the pass key."
   return text_example("passkey_code", tokenizer, [needle], "What is the pass key? The pass key is",
                       [key], length, [depth], depth, filler=lines, sep="\n")
@@ -61,8 +61,8 @@ def needle_code(tokenizer, length: int, depth: float, rng) -> Example:
   text, lines = _document("needle_code", tokenizer, rng)
   name = None
   while name is None or name in text:  # a name of its own: the needle is the one assignment
-    name = "_".join(_word(rng, 5, string.ascii_uppercase) for _ in range(2))
-  value = _number(rng, 7)
+    name = "_".join(word(rng, 5, string.ascii_uppercase) for _ in range(2))
+  value = number(rng, 7)
   query = (f"# Question: what is the value of {name} assigned above?\n"
            f"# Answer: {name} =")
   return text_example("needle_code", tokenizer, [f"{name} = {value}"], query, [value], length,

@@ -28,11 +28,11 @@ PASSKEY_FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.
                   "Here we go.", "There and back again."]
 
 
-def _number(rng, digits: int) -> str:
+def number(rng, digits: int) -> str:
   return str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
 
 
-def _word(rng, letters: int = 6, alphabet: str = string.ascii_lowercase) -> str:
+def word(rng, letters: int = 6, alphabet: str = string.ascii_lowercase) -> str:
   return "".join(rng.choice(list(alphabet), letters))
 
 
@@ -67,7 +67,7 @@ def text_example(task, tokenizer, needles, query, answers, length, depths, depth
 
 
 def passkey(tokenizer, length: int, depth: float, rng) -> Example:
-  key = _number(rng, 5)
+  key = number(rng, 5)
   needle = f"The pass key is {key}. Remember it. {key} is the pass key."
   return text_example("passkey", tokenizer, [needle], "What is the pass key? The pass key is",
                   [key], length, [depth], depth)
@@ -91,18 +91,18 @@ def niah(tokenizer, length: int, depth: float, rng, *, variant: str = "single",
   """RULER needle-in-a-haystack; variant is single, multikey, multivalue or multiquery."""
   task = f"niah_{variant}"
   if variant == "single":
-    keys, vals = [_word(rng)], [_number(rng, 7)]
+    keys, vals = [word(rng)], [number(rng, 7)]
     needles, asked, answers = [_magic(keys[0], vals[0])], keys, vals
   elif variant == "multikey":
-    keys = _distinct(rng, _word, 1 + distractors)
-    vals = _distinct(rng, lambda r: _number(r, 7), 1 + distractors)
+    keys = _distinct(rng, word, 1 + distractors)
+    vals = _distinct(rng, lambda r: number(r, 7), 1 + distractors)
     needles, asked, answers = [_magic(k, v) for k, v in zip(keys, vals)], keys[:1], vals[:1]
   elif variant == "multivalue":
-    keys, vals = [_word(rng)], _distinct(rng, lambda r: _number(r, 7), values)
+    keys, vals = [word(rng)], _distinct(rng, lambda r: number(r, 7), values)
     needles, asked, answers = [_magic(keys[0], v) for v in vals], keys, vals
   elif variant == "multiquery":
-    keys = _distinct(rng, _word, queries)
-    vals = _distinct(rng, lambda r: _number(r, 7), queries)
+    keys = _distinct(rng, word, queries)
+    vals = _distinct(rng, lambda r: number(r, 7), queries)
     needles, asked, answers = [_magic(k, v) for k, v in zip(keys, vals)], keys, vals
   else:
     raise ValueError(f"niah: variant={variant!r} must be one of single, multikey, multivalue, "
@@ -114,8 +114,8 @@ def niah(tokenizer, length: int, depth: float, rng, *, variant: str = "single",
 
 def variable_tracking(tokenizer, length: int, depth: float, rng, *, hops: int = 4) -> Example:
   """One chain: VAR N0 = value, then VAR N1 = VAR N0, ..., spread from `depth` to the end."""
-  names = _distinct(rng, lambda r: _word(r, 5, string.ascii_uppercase), hops + 1)
-  value = _number(rng, 5)
+  names = _distinct(rng, lambda r: word(r, 5, string.ascii_uppercase), hops + 1)
+  value = number(rng, 5)
   needles = [f"VAR {names[0]} = {value}."]
   needles += [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
   depths = [float(x) for x in np.linspace(depth, 1.0, hops + 2)[:-1]]
