@@ -23,7 +23,7 @@ def _model_on_mesh(configs: dict):
   return build(configs["model"], make_mesh(configs["mesh"]), tx)
 
 
-def _restore_params(workdir: str, configs: dict, m=None):
+def restore_params(workdir: str, configs: dict, m=None):
   """The model on its mesh and the parameters of the newest readable checkpoint in `workdir`.
 
   The checkpoint is compared with the configured model first; unreadable steps are reported and
@@ -64,7 +64,7 @@ def run_eval_mode(workdir: str, configs: dict) -> int:
   data_cfg, train_cfg = configs["data"], configs["train"]
   tokenizer = data_lib.make_tokenizer(data_cfg.tokenizer)
   batches = data_lib.eval_batches(data_cfg, tokenizer, train_cfg.eval_batches)
-  m, step, params = _restore_params(workdir, configs)
+  m, step, params = restore_params(workdir, configs)
   result = run_eval(m, make_jitted_eval(m, train_cfg, data_cfg.seq_len), params, batches,
                     data_cfg.seq_len)
   print(f"checkpoint step {step}:")
@@ -79,12 +79,12 @@ def run_generate(workdir: str, configs: dict) -> int:
   prompt = np.asarray(tokenizer.encode(gen.prompt), np.int32)
   m = _model_on_mesh(configs)
   check_request(m.model, m.abstract_params, gen, len(prompt), configs["data"].seq_len)
-  m, step, params = _restore_params(workdir, configs, m)
+  m, step, params = restore_params(workdir, configs, m)
   prompt_bt = np.broadcast_to(prompt, (gen.num_samples, len(prompt)))
   with m.context():
     tokens = generate(m.model, params, prompt_bt, jax.random.key(gen.seed),
                       max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                      top_k=gen.top_k)
+                      top_k=gen.top_k, prefill_chunk=gen.prefill_chunk)
   for i, row in enumerate(np.asarray(tokens)):
     print(f"--- sample {i} (checkpoint step {step}, temperature {gen.temperature}, "
           f"top_k {gen.top_k}) ---")
@@ -98,7 +98,7 @@ def run_longeval(workdir: str, configs: dict) -> int:
   cfg, seq_len = configs["longeval"], configs["data"].seq_len
   tokenizer = data_lib.make_tokenizer(configs["data"].tokenizer)
   items = longeval.examples(cfg, tokenizer)  # every example fits, before anything is compiled
-  m, step, params = _restore_params(workdir, configs)
+  m, step, params = restore_params(workdir, configs)
   with m.context():
     rows = longeval.evaluate(m.model, params, tokenizer, cfg, train_len=seq_len, items=items)
   out = os.path.join(workdir, "longeval")
@@ -120,5 +120,5 @@ def run_longeval(workdir: str, configs: dict) -> int:
 
 MODES = {"train": run_train, "eval": run_eval_mode, "generate": run_generate,
          "spike_stats": lambda workdir, configs: run_spike_stats(workdir, configs,
-                                                                 _restore_params),
+                                                                 restore_params),
          "longeval": run_longeval}

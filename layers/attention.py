@@ -5,7 +5,8 @@ Pallas, chosen by `AttentionConfig.impl`), or its sequence-parallel form (ring a
 all-gather of K and V, layers/softmax_parallel.py) when the mixer's execution plan asks for one;
 sink tokens are merged by logsumexp weights either way.
 Decoding uses its KVCache: one slot per position for full attention, a ring buffer of `window`
-slots for sliding-window layers.
+slots for sliding-window layers. While decoding, segment id 0 marks padding (the left padding of
+a ragged batch): those tokens are cached, but no token attends to them.
 
 Two mixers are registered: "attention" (AttentionConfig; full causal unless `window` is set) and
 "swa" (SlidingWindowConfig: the same mixer with its own config whose window is required), so that
@@ -131,7 +132,7 @@ class SoftmaxAttention(Mixer):
                               (None, "kv_heads", "head_dim"), self.param_dtype).astype(self.dtype)
                       for name in ("sink_keys", "sink_values"))
     if decode:
-      o = self._decode(q, k, v, sinks, sink_kv)
+      o = self._decode(q, k, v, sinks, sink_kv, segment_ids_bt)
     else:
       o = parallel_softmax_attention(self.plan, q, k, v, window=cfg.window,
                                      segment_ids=segment_ids_bt, sinks=sinks,
@@ -144,12 +145,13 @@ class SoftmaxAttention(Mixer):
     w_o = maybe_quantize_weight(w_o, self.spiking, fan_in_axes=(0, 1))
     return jnp.einsum("bthd,hde->bte", o, w_o.astype(self.dtype))
 
-  def _decode(self, q_bthd, k_btkd, v_btkd, sinks, sink_kv):
+  def _decode(self, q_bthd, k_btkd, v_btkd, sinks, sink_kv, segment_ids_bt):
     """Attention of the new tokens over the "cache" collection, which it then updates.
 
     The cache is created (zeros) when absent, sized by the creating call's length: `generate`
     creates it with a shape-only pass over [b, max_len] tokens. A sliding-window layer gets
-    only `window` slots (a ring buffer).
+    only `window` slots (a ring buffer). The new tokens may be one decoding step or a chunk of
+    a prompt; tokens of segment 0 are padding, which later tokens never see.
     """
     cfg = self.config
     b, t, kh, d = k_btkd.shape
@@ -158,15 +160,17 @@ class SoftmaxAttention(Mixer):
     cache_k = self.variable("cache", "key", lambda: empty().key)
     cache_v = self.variable("cache", "value", lambda: empty().value)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    cache_pad = self.variable("cache", "pad", lambda: empty().pad)
     with_lse = sink_kv is not None
     if not initialized:
       o = softmax_attention(q_bthd, k_btkd, v_btkd, window=cfg.window, sinks=sinks,
                             impl=cfg.impl, block_size=cfg.block_size, return_lse=with_lse)
     else:
-      cache = KVCache(cache_k.value, cache_v.value, index.value)
+      cache = KVCache(cache_k.value, cache_v.value, index.value, cache_pad.value)
+      pad = None if segment_ids_bt is None else segment_ids_bt == 0
       o, cache = cached_attention(cache, q_bthd, k_btkd, v_btkd, window=cfg.window, sinks=sinks,
-                                  return_lse=with_lse)
-      cache_k.value, cache_v.value, index.value = cache
+                                  return_lse=with_lse, pad=pad)
+      cache_k.value, cache_v.value, index.value, cache_pad.value = cache
     if with_lse:
       o = merge_sink_tokens(*o, q_bthd, *sink_kv, scale=q_bthd.shape[-1] ** -0.5)
     return o

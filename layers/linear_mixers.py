@@ -10,7 +10,9 @@ project back. They differ only in the log-gate:
              g_t = logsigmoid(W2 W1 x_t + b) / tau with W1 of rank `gate_rank`.
 Without decode the attention may be sequence-parallel (LASP-2 or ZeCO, see sharding/sequence.py).
 With decode=True the recurrent state [b, h, d_k, d_v] lives in the "cache" collection, so each
-decoded token costs O(1).
+decoded token costs O(1); a call may also bring a chunk of a prompt, which continues from the
+cached state. While decoding, segment id 0 marks padding (the left padding of a ragged batch): a
+padding token is a no-op on the state (a zero key and no decay).
 Spiking (the mixer's `spiking` SpikeConfig, layers/spiking.py): the input of the q/k/v/gate
 projections ("mixer_in") and of the output projection ("mixer_out") spike; weights may be INT8
 fake-quantized group-wise.
@@ -154,9 +156,17 @@ class _LinearMixer(Mixer):
     if not decode:
       return parallel_linear_attention(self.plan, q, k, v, g, segment_ids=segment_ids_bt,
                                        impl=cfg.impl, chunk_size=cfg.chunk_size)
-    run = lambda **kw: linear_attention(q, k, v, g, segment_ids=segment_ids_bt, impl=cfg.impl,
-                                        chunk_size=cfg.chunk_size, **kw)
     b, t, h, dk = q.shape
+    if segment_ids_bt is not None:
+      # Padding leaves the state as it was: S_t = exp(0) S_{t-1} + 0^T v_t. Decoding carries
+      # one document per row, so segment ids say nothing else here (no resets).
+      keep = segment_ids_bt != 0
+      k = jnp.where(keep[:, :, None, None], k, 0)
+      if g is not None:
+        g = jnp.broadcast_to(g, (b, t, h)) if g.ndim == 1 else g
+        g = jnp.where(keep.reshape(keep.shape + (1,) * (g.ndim - 2)), g, 0)
+    run = lambda **kw: linear_attention(q, k, v, g, impl=cfg.impl, chunk_size=cfg.chunk_size,
+                                        **kw)
     initialized = self.has_variable("cache", "state")
     state = self.variable("cache", "state", jnp.zeros, (b, h, dk, v.shape[-1]), jnp.float32)
     if not initialized:  # shape-only pass creating the cache: nothing to carry yet

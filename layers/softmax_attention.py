@@ -19,7 +19,9 @@ tokens of layers/sink_tokens.py).
 
 Decoding keeps a KVCache. A full-attention layer's cache has one slot per position up to the
 maximum length; a sliding-window layer's cache is a ring buffer of `window` slots (token i lives
-in slot i % window), so its memory is O(window) however long the generation runs.
+in slot i % window), so its memory is O(window) however long the generation runs. Each slot also
+carries a padding flag: padding tokens (the left padding of a ragged batch) are written like any
+other token, so that every row's cache index stays the same, but no token ever attends to them.
 """
 
 import numbers
@@ -142,11 +144,14 @@ class KVCache(NamedTuple):
     key, value: [b, slots, kv_heads, d]. Full attention: slot i holds token i. Sliding window:
       a ring buffer, token i in slot i % slots.
     index: int32 scalar, the number of tokens written so far (the next token's index).
+    pad: [b, slots] bool, True where the slot holds a padding token, which no query sees; None
+      for a cache that tracks no padding.
   """
 
   key: jnp.ndarray
   value: jnp.ndarray
   index: jnp.ndarray
+  pad: jnp.ndarray | None = None
 
 
 def cache_slots(max_len: int, window: int | None) -> int:
@@ -167,22 +172,27 @@ def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, *,
   """Empty cache for decoding up to `max_len` tokens (O(window) slots with a window)."""
   slots = cache_slots(max_len, window)
   zeros = jnp.zeros((batch, slots, num_kv_heads, head_dim), dtype)
-  return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+  return KVCache(zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((batch, slots), bool))
 
 
 def cached_attention(cache: KVCache, q, k, v, *, window: int | None = None,
-                     scale: float | None = None, sinks=None, return_lse: bool = False):
+                     scale: float | None = None, sinks=None, return_lse: bool = False,
+                     pad=None):
   """Causal attention of new tokens over the cache and themselves; returns (out, new cache).
 
   The new tokens have indices cache.index, cache.index + 1, ... Any number of new tokens works
   (one per decode step, or a whole prompt), also more than the ring holds. Memory is
   O(t * slots) (dense logits): prefill a long prompt in chunks. A full-length cache must have
   room for the new tokens (writes past its end are clamped, as by lax.dynamic_update_slice).
+  Padding tokens (`pad`) are cached but masked out for every query, theirs included: a query
+  that sees only padding gets zeros (or, with sinks, the sinks alone).
 
   Args:
     cache: from `init_kv_cache` (a ring buffer iff `window` is set; use the same window).
     q: [b, t, h, d] new queries; k, v: [b, t, hk, d] their keys and values.
     window, scale, sinks, return_lse: as in `softmax_attention`.
+    pad: optional bool [b, t], True for the new tokens that are padding; needs a cache with pad
+      flags (`init_kv_cache` makes them).
   Returns:
     ([b, t, h, d] in q's dtype, the updated cache); with return_lse the first element is the
     pair (out, lse [b, t, h] float32).
@@ -196,13 +206,23 @@ def cached_attention(cache: KVCache, q, k, v, *, window: int | None = None,
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"{FAMILY}: q heads={q.shape[2]} must be a multiple of k/v heads="
                      f"{k.shape[2]} (GQA)")
+  if pad is not None:
+    if tuple(pad.shape) != tuple(k.shape[:2]) or pad.dtype != jnp.bool_:
+      raise ValueError(f"{FAMILY}: cached_attention's pad must be a bool array of shape "
+                       f"{tuple(k.shape[:2])} (batch, new tokens), got {pad.dtype}"
+                       f"{tuple(pad.shape)}")
+    if cache.pad is None:
+      raise ValueError(f"{FAMILY}: cached_attention got pad flags but the cache tracks no "
+                       "padding (KVCache.pad is None); make the cache with init_kv_cache")
+  elif cache.pad is not None:
+    pad = jnp.zeros(k.shape[:2], bool)
   return_lse = bool(return_lse)
   if window is None:
-    return _full_step(cache, q, k, v, scale, sinks, return_lse)
-  return _ring_step(cache, q, k, v, window, scale, sinks, return_lse)
+    return _full_step(cache, q, k, v, pad, scale, sinks, return_lse)
+  return _ring_step(cache, q, k, v, pad, window, scale, sinks, return_lse)
 
 
-def _full_step(cache, q, k, v, scale, sinks, return_lse):
+def _full_step(cache, q, k, v, pad, scale, sinks, return_lse):
   """Writes the new tokens at their indices, then attends over the whole cache."""
   b, t = k.shape[:2]
   start = cache.index
@@ -211,16 +231,22 @@ def _full_step(cache, q, k, v, scale, sinks, return_lse):
   s = key.shape[1]
   q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
   k_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  mask = attention_mask(q_index, k_index, k_valid_bs=k_index < start + t)
+  k_valid = k_index < start + t
+  slot_pad = None
+  if pad is not None:
+    slot_pad = _write_at(cache.pad, pad, start)
+    k_valid &= ~slot_pad
+  mask = attention_mask(q_index, k_index, k_valid_bs=k_valid)
   out = dot_product_attention(q, key, value, mask, scale, sinks, return_lse)
-  return out, KVCache(key, value, start + t)
+  return out, KVCache(key, value, start + t, slot_pad)
 
 
 def _write_at(buf, x, start):
-  return lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, start, 0, 0))
+  """Writes x [b, t, ...] into buf [b, slots, ...] at slot `start` along the second axis."""
+  return lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, start) + (0,) * (buf.ndim - 2))
 
 
-def _ring_step(cache, q, k, v, window, scale, sinks, return_lse):
+def _ring_step(cache, q, k, v, pad, window, scale, sinks, return_lse):
   """Attends over [ring slots, new tokens] by their token indices, then updates the ring.
 
   Reading before writing keeps the oldest slots available to the first new tokens even when
@@ -235,7 +261,10 @@ def _ring_step(cache, q, k, v, window, scale, sinks, return_lse):
   new_index = start + jnp.arange(t, dtype=jnp.int32)
   k_index = jnp.broadcast_to(jnp.concatenate([slot_index, new_index]), (b, slots + t))
   q_index = jnp.broadcast_to(new_index, (b, t))
-  mask = attention_mask(q_index, k_index, window=window, k_valid_bs=k_index >= 0)
+  k_valid = k_index >= 0
+  if pad is not None:
+    k_valid &= ~jnp.concatenate([cache.pad, pad], axis=1)
+  mask = attention_mask(q_index, k_index, window=window, k_valid_bs=k_valid)
   keys = jnp.concatenate([cache.key, k.astype(cache.key.dtype)], axis=1)
   values = jnp.concatenate([cache.value, v.astype(cache.value.dtype)], axis=1)
   out = dot_product_attention(q, keys, values, mask, scale, sinks, return_lse)
@@ -244,4 +273,5 @@ def _ring_step(cache, q, k, v, window, scale, sinks, return_lse):
   dest = jnp.mod(start + t - n + jnp.arange(n, dtype=jnp.int32), slots)
   key = cache.key.at[:, dest].set(k[:, t - n:].astype(cache.key.dtype))
   value = cache.value.at[:, dest].set(v[:, t - n:].astype(cache.value.dtype))
-  return out, KVCache(key, value, start + t)
+  slot_pad = None if pad is None else cache.pad.at[:, dest].set(pad[:, t - n:])
+  return out, KVCache(key, value, start + t, slot_pad)
