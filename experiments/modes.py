@@ -9,7 +9,7 @@ from experiments import benchmarking
 from experiments.spike_stats import run_spike_stats
 from lctx import data as data_lib
 from lctx.checkpoint import Checkpointer
-from lctx.evals import longeval
+from lctx.evals import doc_loss, longeval
 from lctx.generate import check_request, generate
 from lctx.optim import make_optimizer
 from lctx.state import build
@@ -118,7 +118,33 @@ def run_longeval(workdir: str, configs: dict) -> int:
   return 0
 
 
+def run_doc_loss(workdir: str, configs: dict) -> int:
+  """Loss by position from each held-out document's start (DocLossConfig): table, CSV and a
+  curve under <workdir>/doc_loss."""
+  cfg, data_cfg = configs["doc_loss"], configs["data"]
+  tokenizer = data_lib.make_tokenizer(data_cfg.tokenizer)
+  docs = doc_loss.documents(cfg, data_cfg, tokenizer)  # checked before anything is compiled
+  m, step, params = restore_params(workdir, configs)
+  with m.context():
+    rows, losses = doc_loss.evaluate(m.model, params, docs, cfg, train_len=data_cfg.seq_len)
+  out = os.path.join(workdir, "doc_loss")
+  columns = ["start", "end", "documents", "loss", "ppl", "beyond_training"]
+  benchmarking.write_csv(os.path.join(out, "doc_loss.csv"), rows, columns)
+  print(f"checkpoint step {step}, trained at {data_cfg.seq_len} tokens; {len(docs)} documents "
+        f"of source {data_cfg.source!r}, loss by position from the document start:")
+  benchmarking.print_table(rows, columns)
+  curve = np.mean(losses, axis=0)
+  positions = np.arange(1, len(curve) + 1)
+  path = os.path.join(out, "doc_loss.png")
+  if benchmarking.plot_panels(path, {f"step {step}, trained at {data_cfg.seq_len}": {
+      "mean over documents": (list(positions), list(curve))}}, "position in the document",
+                              "next-token loss (nats)"):
+    print(f"  curve: {path}")
+  print(f"  csv:   {os.path.join(out, 'doc_loss.csv')}")
+  return 0
+
+
 MODES = {"train": run_train, "eval": run_eval_mode, "generate": run_generate,
          "spike_stats": lambda workdir, configs: run_spike_stats(workdir, configs,
                                                                  restore_params),
-         "longeval": run_longeval}
+         "longeval": run_longeval, "doc_loss": run_doc_loss}

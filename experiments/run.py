@@ -27,15 +27,17 @@ import traceback
 import gin
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("train", "eval", "generate", "spike_stats", "longeval")
+MODES = ("train", "eval", "generate", "spike_stats", "longeval", "doc_loss")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """mode: "train" (train or resume in the workdir), "eval" (evaluate the latest checkpoint),
   "generate" (continue GenerateConfig.prompt with the latest checkpoint), "spike_stats" (the
-  spiking statistics of the latest checkpoint, experiments/spike_stats.py) or "longeval"
-  (recall tasks over lengths x needle depths, LongEvalConfig, lctx/evals/longeval.py)."""
+  spiking statistics of the latest checkpoint, experiments/spike_stats.py), "longeval"
+  (recall tasks over lengths x needle depths, LongEvalConfig, lctx/evals/longeval.py) or
+  "doc_loss" (loss by position from each held-out document's start, DocLossConfig,
+  lctx/evals/doc_loss.py)."""
 
   mode: str = "train"
 

@@ -15,6 +15,7 @@ from layers.spiking import SpikeConfig
 from lctx.config import ModelConfig, mixer_defaults_unchecked
 from lctx.data import DataConfig
 from lctx.data.config import TaskConfig
+from lctx.evals.doc_loss import DocLossConfig
 from lctx.evals.longeval import LongEvalConfig
 from lctx.generate import GenerateConfig
 from lctx.optim import OptimizerConfig
@@ -26,7 +27,7 @@ from sharding.sequence import SequenceParallelConfig
 # The configs an experiment is made of, by the name entry points use for them.
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "train": TrainConfig, "mesh": MeshConfig, "generate": GenerateConfig,
-            "longeval": LongEvalConfig}
+            "longeval": LongEvalConfig, "doc_loss": DocLossConfig}
 
 _BOUND: dict[type, type] = {}
 

@@ -180,3 +180,23 @@ def test_longeval_mode_writes_table_csv_and_heatmaps(trained):
   # compiled.
   code, _, stderr = cli.run_in_process(workdir, *evals, "--gin.LongEvalConfig.lengths=(40,)")
   assert code == 2 and "task 'passkey': length=40 is below" in stderr, stderr
+
+
+def test_doc_loss_mode_scores_documents_from_their_start(trained):
+  # Beyond the training length (SEQ_LEN=32): positions 0..95 of each held-out document.
+  workdir, _ = trained
+  mode = "--gin.RunConfig.mode=doc_loss"
+  code, stdout, stderr = cli.run_in_process(workdir, mode, "--gin.DocLossConfig.length=96",
+                                            "--gin.DocLossConfig.first_bucket=16",
+                                            "--gin.DocLossConfig.max_documents=2")
+  assert code == 0, stderr[-3000:]
+  assert "checkpoint step 24, trained at 32 tokens; 2 documents" in stdout
+  with open(workdir / "doc_loss" / "doc_loss.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["start"], r["end"], r["beyond_training"]) for r in rows] == [
+      ("0", "16", "False"), ("16", "32", "False"), ("32", "64", "True"), ("64", "96", "True")]
+  assert all(0 < float(r["loss"]) < 10 and r["documents"] == "2" for r in rows)
+  assert (workdir / "doc_loss" / "doc_loss.png").stat().st_size > 0
+  # No document that long: refused before the checkpoint is read or anything compiled.
+  code, _, stderr = cli.run_in_process(workdir, mode, "--gin.DocLossConfig.length=100000000")
+  assert code == 2 and "DocLossConfig.length=100000000: none of the" in stderr, stderr
