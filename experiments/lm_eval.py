@@ -20,8 +20,8 @@ harness's model registry first. model_args (comma-separated, as the harness read
 The harness's datasets are read offline (HF_DATASETS_OFFLINE=1, HF_HUB_OFFLINE=1, unless the
 environment sets them), so tasks whose data is local (a task YAML with `dataset_path: json` and
 `dataset_kwargs: {data_files: ...}`) run with no network. generate_until decodes greedily (or
-samples when a task sets do_sample / temperature) with lctx.generate; requests of equal prompt
-length share a batch, and each prompt length compiles once.
+samples when a task sets do_sample / temperature) with lctx.generate; prompts are left-padded
+into power-of-two length buckets, and each bucket compiles once.
 
 Exit status: what lm_eval's CLI returns; 2 for an error in the settings (a bad model_arg or
 workdir, a checkpoint that does not match config.gin), 4 for an unreadable checkpoint.
@@ -49,7 +49,7 @@ from experiments import modes, run  # noqa: E402
 from lctx import data as data_lib  # noqa: E402
 from lctx import loglikelihood  # noqa: E402
 from lctx.errors import RunFailure  # noqa: E402
-from lctx.generate import generate  # noqa: E402
+from lctx.generate import generate, left_pad  # noqa: E402
 
 log = logging.getLogger("lctx")
 
@@ -206,20 +206,30 @@ class LctxLM(TemplateLM):
     return prompt, new, temperature, top_k, until
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-    """The continuation of each context, cut before the first of its `until` strings."""
+    """The continuation of each context, cut before the first of its `until` strings.
+
+    Prompts are left-padded (lctx.generate.left_pad) to a power-of-two bucket and run
+    `batch_size` rows at a time, short batches filled with copies of a row, so a whole task
+    compiles once per (bucket, max_gen_toks, sampling settings).
+    """
     jobs = [self._generation_job(*req.args) for req in requests]
-    groups = collections.defaultdict(list)  # one compile per prompt length and settings
+    groups = collections.defaultdict(list)
     for i, (prompt, new, temperature, top_k, _) in enumerate(jobs):
-      groups[len(prompt), new, temperature, top_k].append(i)
+      bucket = loglikelihood.bucket_length(len(prompt), self.max_length - new)
+      groups[bucket, new, temperature, top_k].append(i)
     out: list[str | None] = [None] * len(jobs)
     bar = tqdm(total=len(jobs), desc="lctx generate_until", disable=disable_tqdm)
     with self.m.context():
-      for (_, new, temperature, top_k), indices in groups.items():
+      for (bucket, new, temperature, top_k), indices in groups.items():
         for start in range(0, len(indices), self.batch_size):
           rows = indices[start:start + self.batch_size]
-          prompt_bt = np.asarray([jobs[i][0] for i in rows], np.int32)
+          filled = rows + rows[:1] * (self.batch_size - len(rows))
+          prompt_bt, lengths = left_pad([jobs[i][0] for i in filled], pad_id=self.prefix_token_id)
+          prompt_bt = np.pad(prompt_bt, ((0, 0), (bucket - prompt_bt.shape[1], 0)),
+                             constant_values=self.prefix_token_id)
           tokens = generate(self.m.model, self.params, prompt_bt, jax.random.key(start),
-                            max_new_tokens=new, temperature=temperature, top_k=top_k)
+                            max_new_tokens=new, temperature=temperature, top_k=top_k,
+                            prompt_lengths=lengths)
           for i, row in zip(rows, np.asarray(tokens)):
             out[i] = cut_at_stops(self.tok_decode(row), jobs[i][4])
             self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lctx: runtime failure: {e}", file=sys.stderr)
     return run.EXIT_RUNTIME
   except ValueError as e:
-    if not run._raised_in_project(e):  # the harness's own errors keep their traceback
+    if not run.raised_in_project(e):  # the harness's own errors keep their traceback
       raise
     print(f"lctx: error: {e}", file=sys.stderr)
     return run.EXIT_CONFIG

@@ -135,7 +135,7 @@ def _in_project(filename: str) -> bool:
   return path.startswith(REPO_ROOT + os.sep) and os.sep + ".venv" + os.sep not in path
 
 
-def _raised_in_project(exc: BaseException) -> bool:
+def raised_in_project(exc: BaseException) -> bool:
   """Whether `exc` was raised by this repository's own code (its checks of the user's input)."""
   frames = traceback.extract_tb(exc.__traceback__)
   return bool(frames) and _in_project(frames[-1].filename)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lctx: runtime failure: {e}", file=sys.stderr)
     return EXIT_RUNTIME
   except ValueError as e:
-    if _raised_in_project(e):  # the project's own checks of settings, paths and checkpoints
+    if raised_in_project(e):  # the project's own checks of settings, paths and checkpoints
       print(f"lctx: error: {e}", file=sys.stderr)
       return EXIT_CONFIG
     print(f"lctx: runtime failure: {_runtime_failure(e)}", file=sys.stderr)

@@ -206,7 +206,7 @@ def test_loglikelihood_rolling_over_one_and_several_windows(lm):
 
 def test_generate_until_is_the_greedy_continuation_cut_at_until(lm):
   n = lm.max_gen_toks
-  prompts = ["def f(x):", "import os", "class A:\n", "y" * 40]  # three share a length
+  prompts = ["def f(x):", "import os", "class A:\n", "y" * 40]  # left-padded into batches
   tokens = [greedy_tokens(lm, p, n) for p in prompts[:3]]
   tokens.append(greedy_tokens(lm, prompts[3][-(SEQ_LEN - n):], n))  # cut to fit max_length
   texts = [TOK.decode(t) for t in tokens]
@@ -228,8 +228,11 @@ def test_generate_until_is_the_greedy_continuation_cut_at_until(lm):
 def test_generate_until_samples_when_the_task_says_so(lm, monkeypatch, caplog):
   calls = []
 
-  def fake_generate(model, params, prompt_bt, rng, *, max_new_tokens, temperature, top_k):
-    calls.append((prompt_bt.shape, max_new_tokens, temperature, top_k))
+  def fake_generate(model, params, prompt_bt, rng, *, max_new_tokens, temperature, top_k,
+                    prompt_lengths):
+    assert TOK.decode(prompt_bt[0, -prompt_lengths[0]:]) == "abc"
+    calls.append((prompt_bt.shape[1], int(prompt_lengths[0]), max_new_tokens, temperature,
+                  top_k))
     return np.full((prompt_bt.shape[0], max_new_tokens), ord("a"), np.int32)
 
   monkeypatch.setattr(lctx_lm_eval, "generate", fake_generate)
@@ -237,7 +240,8 @@ def test_generate_until_samples_when_the_task_says_so(lm, monkeypatch, caplog):
       request("generate_until", "abc", {"do_sample": True, "temperature": 0.7, "top_k": 5,
                                         "until": ["aaa"]}),
       request("generate_until", "abc", {"temperature": 0.0, "top_p": 0.9})])
-  assert calls == [((1, 3), 16, 0.7, 5), ((1, 3), 16, 0.0, 0)]
+  # the 3-token prompt, left-padded into the smallest bucket (16 tokens)
+  assert calls == [(16, 3, 16, 0.7, 5), (16, 3, 16, 0.0, 0)]
   assert got == ["", "a" * 16]
   assert "gen_kwargs ['top_p'] are ignored" in caplog.text
 

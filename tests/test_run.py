@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from experiments.run import _raised_in_project, binding_from_flag, load_configs
+from experiments.run import binding_from_flag, load_configs, raised_in_project
 from lctx import workdir as workdir_lib
 from tests import cli
 
@@ -61,11 +61,11 @@ def test_library_errors_are_runtime_failures_and_project_checks_are_not():
   try:
     json.loads("{not json")
   except ValueError as e:
-    assert not _raised_in_project(e)
+    assert not raised_in_project(e)
   try:
     workdir_lib.prepare("/proc/lctx_workdir")
   except ValueError as e:
-    assert _raised_in_project(e)
+    assert raised_in_project(e)
 
 
 @pytest.mark.parametrize("extra,message", [

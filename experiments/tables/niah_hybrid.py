@@ -106,8 +106,8 @@ def model_config(kind: str, scale: Scale, vocab: int) -> ModelConfig:
 def task_rows(scale: Scale, tokenizer, split: int, n: int) -> dict[str, np.ndarray]:
   """n rows of each task's split, interleaved (passkey, needle, passkey, ...)."""
   per_task = []
-  for task in TASKS:
-    cfg = DataConfig(source=f"task:{task}", seq_len=scale.train_len, batch_size=1,
+  for seed, task in enumerate(TASKS):  # a seed per task: their rows draw independent depths
+    cfg = DataConfig(source=f"task:{task}", seq_len=scale.train_len, batch_size=1, seed=seed,
                      task=TaskConfig(answer_tokens=ANSWER_TOKENS))
     rows = TaskRows(cfg, tokenizer, split, n)
     per_task.append([rows[i] for i in range(n)])

@@ -5,9 +5,11 @@ For every cell (task, length, depth) `LongEvalConfig.examples` deterministic exa
 cache) and one forward pass over prompt + answer gives the answer's log-likelihood. A cell
 reports the means of
   exact_match     the continuation starts with the (first) answer's tokens;
-  score           the task's own metric: passkey, the first number of the continuation equals
-                  the key; RULER needles and variable tracking, the fraction of reference
-                  strings contained in the decoded continuation; selective copying, exact match;
+  score           the task's own metric (`task_score`): passkey and the needles in code, the
+                  first number of the continuation equals the key; the other text tasks (RULER
+                  needles, variable tracking, common words, bAbI), the fraction of reference
+                  strings contained in the decoded continuation; token tasks (selective
+                  copying), exact match;
   answer_logprob  log p(first answer | prompt), nats.
 Lengths beyond the training length are allowed (RoPE as configured; linear layers need
 nothing); each row says whether its length is beyond it.
