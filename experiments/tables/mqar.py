@@ -125,8 +125,12 @@ def verdict(rows: list[dict], scale: Scale, solved: float) -> str:
             if ("attention", w, n) in acc and acc["attention", w, n] < solved]
   reasons = []
   if failed:
-    reasons.append("attention stays below %.2f at (width, length) %s" % (
-        solved, ", ".join(f"({w}, {n})" for w, n in failed)))
+    steps = "/".join(str(train_examples(scale, n) // scale.batch_size * scale.epochs)
+                     for n in lengths)
+    reasons.append("attention stays below %.2f at (width, length) %s after %s training steps "
+                   "of batch %d (lengths %s)" % (
+                       solved, ", ".join(f"({w}, {n})" for w, n in failed), steps,
+                       scale.batch_size, "/".join(map(str, lengths))))
   for kind in RECURRENT:
     if not any(k == kind for k, _, _ in acc):
       continue
