@@ -99,6 +99,10 @@ def plot_panels(path: str, panels: dict[str, dict[str, tuple[list, list]]], xlab
     for label, (xs, ys) in series.items():
       ax.plot(xs, ys, marker="o", label=label)
     ax.set(xscale=xscale, yscale=yscale, xlabel=xlabel, ylabel=ylabel, title=title)
+    xs = sorted({x for xs, _ in series.values() for x in xs})
+    if xscale == "log" and 0 < len(xs) <= 12:  # label the measured points, not powers of ten
+      ax.set_xticks(xs, [f"{x:g}" for x in xs])
+      ax.minorticks_off()
     if ylim is not None:
       ax.set_ylim(*ylim)
     ax.grid(True, which="both", alpha=0.3)
