@@ -17,21 +17,21 @@ def _read(path):
 
 def test_tiniest_table(tmp_path, capsys):
   out = str(tmp_path / "niah")
-  # One model, one depth, one example per cell.
-  assert niah_hybrid.main(["--models", "swa", "--train_len", "224", "--width", "16",
+  # One model, one task, one depth, one example per cell.
+  assert niah_hybrid.main(["--models", "swa", "--tasks", "passkey", "--train_len", "128",
+                           "--width", "16",
                            "--layers", "2", "--d_ff", "32", "--train_examples", "16",
                            "--test_examples", "8", "--batch_size", "16", "--epochs", "1",
                            "--examples", "1", "--depths", "0.5", "--lrs", "1e-2,3e-2",
                            "--out", out]) == 0
   table = _read(os.path.join(out, "niah_hybrid.csv"))
-  assert [(r["model"], r["task"]) for r in table] == [("swa", "passkey"),
-                                                       ("swa", "niah_single")]
+  assert [(r["model"], r["task"]) for r in table] == [("swa", "passkey")]
   for r in table:
     assert all(0.0 <= float(r[f"{m}x"]) <= 1.0 for m in niah_hybrid.MULTIPLES)
   cells = _read(os.path.join(out, "niah_hybrid_cells.csv"))
-  # prompt lengths 1x, 2x, 4x of the 208-token training prompt (224 - 16 answer tokens)
-  assert sorted({int(c["length"]) for c in cells}) == [208, 416, 832]
-  assert [c["beyond_training"] for c in cells if int(c["length"]) == 208] == ["False"] * 2
+  # prompt lengths 1x, 2x, 4x of the 112-token training prompt (128 - 16 answer tokens)
+  assert sorted({int(c["length"]) for c in cells}) == [112, 224, 448]
+  assert [c["beyond_training"] for c in cells] == ["False", "True", "True"]
   assert os.path.exists(os.path.join(out, "niah_hybrid.png"))
   printed = capsys.readouterr().out
   assert "held-out answer accuracy" in printed
@@ -57,6 +57,8 @@ def test_verdict_reads_the_1x_column():
 def test_bad_settings_are_refused_before_training(tmp_path):
   with pytest.raises(SystemExit):
     niah_hybrid.main(["--models", "mamba", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit):
+    niah_hybrid.main(["--tasks", "passkey,vt", "--out", str(tmp_path)])
   with pytest.raises(ValueError, match=r"layers=3 must be even"):
     niah_hybrid.model_config("hybrid", niah_hybrid.dataclasses.replace(niah_hybrid.CPU,
                                                                          layers=3), 256)

@@ -22,7 +22,7 @@ attention recalls (score >= `--solved`); SWA and pure linear fall clearly below 
 what each model does beyond its training length (RoPE unscaled; linear layers need nothing); the
 verdict reports them but makes no claim on them, as the paper measured none.
 
-The CPU scale (the default) trains 4-layer d_model 64 models for 3072 steps of 8 rows of 256
+The CPU scale (the default) trains 2-layer d_model 64 models for 1536 steps of 8 rows of 256
 bytes at one learning rate, 3e-3 (small batches and that rate are what taught small models MQAR
 fastest here, experiments/tables/mqar.py); `--lrs` adds rates, at the cost of time. `--paper`
 names the ablation's own scale, far beyond this machine.
@@ -69,9 +69,10 @@ class Scale:
   lrs: tuple[float, ...]
   depths: tuple[float, ...]
   examples: int  # longeval examples per (task, length, depth)
+  tasks: tuple[str, ...] = TASKS
 
 
-CPU = Scale(train_len=256, width=64, layers=4, d_ff=256, train_examples=6144, test_examples=64,
+CPU = Scale(train_len=256, width=64, layers=2, d_ff=128, train_examples=3072, test_examples=64,
             batch_size=8, epochs=2, lrs=(3e-3,), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
             examples=4)
 # The ablation's own scale (Qwen3-1.7B-like shapes, 8K training, 5B tokens) for the record; it
@@ -107,7 +108,7 @@ def model_config(kind: str, scale: Scale, vocab: int) -> ModelConfig:
 def task_rows(scale: Scale, tokenizer, split: int, n: int) -> dict[str, np.ndarray]:
   """n rows of each task's split, interleaved (passkey, needle, passkey, ...)."""
   per_task = []
-  for seed, task in enumerate(TASKS):  # a seed per task: their rows draw independent depths
+  for seed, task in enumerate(scale.tasks):  # a seed per task: their rows draw independent depths
     cfg = DataConfig(source=f"task:{task}", seq_len=scale.train_len, batch_size=1, seed=seed,
                      task=TaskConfig(answer_tokens=ANSWER_TOKENS))
     rows = TaskRows(cfg, tokenizer, split, n)
@@ -132,7 +133,8 @@ def train_and_evaluate(kind: str, scale: Scale, tokenizer, train: dict, test: di
   best = int(np.argmax(accs))
   train_s = time.perf_counter() - t0
   params = jax.tree.map(lambda x: x[best], params)
-  cfg = longeval.LongEvalConfig(tasks=TASKS, lengths=prompt_lengths(scale), depths=scale.depths,
+  cfg = longeval.LongEvalConfig(tasks=scale.tasks, lengths=prompt_lengths(scale),
+                                depths=scale.depths,
                                 examples=scale.examples, seed=seed)
   t0 = time.perf_counter()
   rows = longeval.evaluate(model, params, tokenizer, cfg, train_len=scale.train_len)
@@ -148,7 +150,7 @@ def score_table(results: dict[str, list[dict]], scale: Scale) -> list[dict]:
   table = []
   lengths = prompt_lengths(scale)
   for kind, rows in results.items():
-    for task in TASKS:
+    for task in scale.tasks:
       row = {"model": kind, "task": task}
       for m, length in zip(MULTIPLES, lengths):
         cell = [r["score"] for r in rows if r["task"] == task and r["length"] == length]
@@ -197,6 +199,8 @@ def main(argv=None) -> int:
                "batch_size", "epochs", "examples"):
     parser.add_argument(f"--{name}", type=int)
   parser.add_argument("--depths", help="comma-separated needle depths (default: the scale's)")
+  parser.add_argument("--tasks", help=f"comma-separated tasks among {','.join(TASKS)} (default: "
+                      "both)")
   parser.add_argument("--solved", type=float, default=0.9,
                       help="score that counts as recalling the needle")
   parser.add_argument("--out", default="runs/tables/niah_hybrid")
@@ -208,19 +212,23 @@ def main(argv=None) -> int:
     override["lrs"] = tuple(float(x) for x in args.lrs.split(","))
   if args.depths:
     override["depths"] = tuple(float(x) for x in args.depths.split(","))
+  if args.tasks:
+    override["tasks"] = tuple(args.tasks.split(","))
+    if set(override["tasks"]) - set(TASKS):
+      parser.error(f"--tasks: choose among {','.join(TASKS)}")
   scale = dataclasses.replace(PAPER if args.paper else CPU, **override)
   models = tuple(args.models.split(","))
   unknown = sorted(set(models) - set(MODELS))
   if unknown:
     parser.error(f"--models: unknown {unknown}; choose from {','.join(MODELS)}")
-  if scale.train_examples * len(TASKS) < scale.batch_size:
+  if scale.train_examples * len(scale.tasks) < scale.batch_size:
     parser.error(f"--train_examples={scale.train_examples} per task is below the batch size "
                  f"{scale.batch_size}")
   tokenizer = make_tokenizer("byte")
   for kind in models:  # every model config is checked before anything trains
     model_config(kind, scale, tokenizer.vocab_size)
   # Every evaluation prompt is made (and fits) before anything trains.
-  longeval.examples(longeval.LongEvalConfig(tasks=TASKS, lengths=prompt_lengths(scale),
+  longeval.examples(longeval.LongEvalConfig(tasks=scale.tasks, lengths=prompt_lengths(scale),
                                             depths=scale.depths, examples=scale.examples),
                     tokenizer)
 
@@ -238,7 +246,7 @@ def main(argv=None) -> int:
           f"eval {summary['eval_seconds']} s)", flush=True)
   table = score_table(results, scale)
   lengths = prompt_lengths(scale)
-  steps = scale.train_examples * len(TASKS) // scale.batch_size * scale.epochs
+  steps = scale.train_examples * len(scale.tasks) // scale.batch_size * scale.epochs
   print(f"\nNeedle score by length (1x = {lengths[0]} prompt bytes, the training length; SWA "
         f"window {window(scale)}; {scale.layers} layers, d_model {scale.width}; {steps} steps of "
         f"{scale.batch_size} rows; mean over depths {scale.depths} x {scale.examples} examples; "
@@ -254,7 +262,7 @@ def main(argv=None) -> int:
                          ["model", "task", "length", "depth", "examples", "exact_match", "score",
                           "answer_logprob", "beyond_training"])
   panels = {task: {r["model"]: (list(MULTIPLES), [r[f"{m}x"] for m in MULTIPLES])
-                   for r in table if r["task"] == task} for task in TASKS}
+                   for r in table if r["task"] == task} for task in scale.tasks}
   if benchmarking.plot_panels(os.path.join(args.out, "niah_hybrid.png"), panels,
                               "evaluation length / training length", "score",
                               ylim=(0.0, 1.02)):
