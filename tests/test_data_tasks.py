@@ -71,12 +71,12 @@ def test_text_task_rows_train_on_the_answer_only():
   for tokens, seg, pos, targets, weights in zip(*(batch[k] for k in (
       "tokens", "segment_ids", "positions", "targets", "weights"))):
     n = int(seg.sum())
-    assert n == 160 - 8 + 6  # the prompt, then " " + the 5-digit key; padding after
+    assert n == 160 - 8 + 7  # the prompt, then " " + the 5-digit key + "."; padding after
     text = TOK.decode(tokens[:n])
     assert text.count("Remember it.") == 1  # one needle
     key = text.split("The pass key is ")[1][:5]
-    assert text.endswith(f"\nWhat is the pass key? The pass key is {key}")
-    assert TOK.decode(targets[weights > 0]) == " " + key  # exactly the answer is weighted
+    assert text.endswith(f"\nWhat is the pass key? The pass key is {key}.")
+    assert TOK.decode(targets[weights > 0]) == f" {key}."  # exactly the answer is weighted
     assert np.flatnonzero(weights).tolist() == list(range(160 - 8 - 1, n - 1))
     assert (tokens[n:] == 0).all() and (pos[n:] == 0).all()
     np.testing.assert_array_equal(pos[:n], np.arange(n))
@@ -87,7 +87,7 @@ def test_text_task_rows_train_on_the_answer_only():
 
 def test_multi_answer_tasks_join_their_references():
   ex = make_example("niah_multivalue", TOK, 600, depth=0.5, seed=0)
-  assert TOK.decode(answer_tokens(ex, TOK)) == " " + ", ".join(ex.answer_texts)
+  assert TOK.decode(answer_tokens(ex, TOK)) == " " + ", ".join(ex.answer_texts) + "."
   ex = make_example("selective_copy", TOK, 64, seed=0)
   np.testing.assert_array_equal(answer_tokens(ex, TOK), ex.answers[0])
 
@@ -127,7 +127,7 @@ def test_gin_binds_the_task_settings():
      r"mqar: 4 \* pairs=80 must be at most length=64"),
     (dict(source="task:mqar", seq_len=256), r"mqar: vocab=256 must exceed length=256"),
     (dict(source="task:niah_multivalue", seq_len=600),
-     r"TaskConfig\.answer_tokens=16: an answer of task 'niah_multivalue' takes 35 tokens"),
+     r"TaskConfig\.answer_tokens=16: an answer of task 'niah_multivalue' takes 36 tokens"),
     (dict(source="task:passkey", seq_len=64),
      r"DataConfig\.seq_len=64 - TaskConfig\.answer_tokens=16 = 48 prompt tokens: task "
      r"'passkey': length=48 is below"),

@@ -48,6 +48,10 @@ def test_verdict_reads_the_1x_column():
   assert niah_hybrid.verdict(good, 0.9).startswith("SpikingBrain's claim reproduced")
   assert "swa scores 0.90 at 1x, not clearly below" in niah_hybrid.verdict(
       table(attention=1.0, swa=0.9, gla=0.3, hybrid=0.9), 0.9)
+  # The CPU scale's 2 windows of 128 reach over its 240-token prompt.
+  assert "its 2 stacked windows of 128 reach 256 tokens back, the whole 240-token prompt" in (
+      niah_hybrid.verdict(table(attention=1.0, swa=0.9, gla=0.3, hybrid=0.9), 0.9,
+                          niah_hybrid.CPU))
   assert "the hybrid keeps 0.50" in niah_hybrid.verdict(
       table(attention=1.0, swa=0.5, gla=0.3, hybrid=0.5), 0.9)
   assert "full attention recalls only 0.40" in niah_hybrid.verdict(

@@ -9,8 +9,9 @@ loss falls on the answer positions only. A batch is the usual dict of [rows, seq
   query is the key's value, every other weight is 0.
 * text and token tasks (lctx.evals.tasks.TASKS): the prompt of seq_len - TaskConfig.answer_tokens
   tokens, then the answer (the reference strings joined by ", ", with a leading space, as the
-  evaluation scores them; token tasks: the answer tokens), then padding; the weights are 1 on the
-  positions that predict the answer's tokens.
+  evaluation scores them, and a closing "." that teaches the model where the answer ends, as the
+  needle sentences end theirs; token tasks: the answer tokens), then padding; the weights are 1
+  on the positions that predict the answer's tokens.
 
 Row i of a split is made from the seed (DataConfig.seed, split, i) alone, so rows are the same
 however the stream is sharded or resumed; train (split 0) and eval (split 1) never share a seed.
@@ -40,10 +41,15 @@ def task_vocab(cfg: DataConfig, tokenizer) -> int:
 
 
 def answer_tokens(ex: Example, tokenizer) -> np.ndarray:
-  """The tokens a model trained on the task learns to produce after the prompt."""
+  """The tokens a model trained on the task learns to produce after the prompt.
+
+  Text answers end with ".": without a learned end, a model trained on " 18585" continues it
+  with more digits, and the passkey metric (the first number equals the key) fails on a
+  correct answer.
+  """
   if ex.answer_texts is None:
     return np.concatenate(ex.answers).astype(np.int32)
-  return encode(tokenizer, " " + ", ".join(ex.answer_texts))
+  return encode(tokenizer, " " + ", ".join(ex.answer_texts) + ".")
 
 
 def mqar_row(inputs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
