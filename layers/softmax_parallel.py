@@ -6,7 +6,7 @@ over `tensor` (sharding/specs.py). Inside, a rank runs a chunk-pair block step a
 that the communication schedule brings it: `impl="xla"`, the tile loops of
 layers/kernels/attention_blocks.py, or `impl="pallas"`, the flash kernels per chunk pair
 (layers/kernels/attention_blocks_pallas.py; both modules have the same functions, each over its
-own blocked layout of the queries, and share the travelling [K; V] layout):
+own layouts of the queries and of the travelling stacked [K; V] shard):
 
 ring       sharding/ring.py rotates the [K; V] shard (and the keys' segment ids) around the ring
            with one ppermute per step; the backward rotates K, V again with the float32 [dK; dV]
@@ -67,7 +67,8 @@ def _step(st: ab.Tiles):
 
 def _prepare(what, q, k, v, *, layout, scale, window, segment_ids, sinks, mesh, block_size,
              impl, interpret):
-  """Validates a call; returns (Tiles, scale). Raises ValueErrors naming the settings."""
+  """Validates a call; returns the Tiles (the scale in them). Raises ValueErrors naming the
+  settings."""
   if impl not in _STEPS:
     raise ValueError(f"{what}: impl={impl!r} must be one of {tuple(_STEPS)} (the block step)")
   validate_arguments(q, k, v, scale, True, window, segment_ids, sinks, block_size)
@@ -86,8 +87,8 @@ def _prepare(what, q, k, v, *, layout, scale, window, segment_ids, sinks, mesh, 
     interpret, block_q, block_k, _ = fp.fit_blocks(interpret, block_q, block_k, q.shape[-1])
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   window = None if window is None else int(window)
-  return ab.Tiles(layout, window, chunk, block_q, block_k, h // k.shape[2], impl,
-                  interpret), scale
+  return ab.Tiles(layout, window, chunk, block_q, block_k, h // k.shape[2], impl, interpret,
+                  scale)
 
 
 def _run_sharded(st: ab.Tiles, mesh, local_fn, q, k, v, segment_ids, sinks, with_lse: bool):
@@ -146,13 +147,13 @@ def ring_attention(q, k, v, *, layout, mesh, scale=None, window=None, segment_id
   Returns:
     [b, t, h, d] in q's dtype, in layout order; with return_lse the pair (that, lse).
   """
-  st, scale = _prepare("ring_attention", q, k, v, layout=layout, scale=scale, window=window,
+  st = _prepare("ring_attention", q, k, v, layout=layout, scale=scale, window=window,
                        segment_ids=segment_ids, sinks=sinks, mesh=mesh, block_size=block_size,
                        impl=impl, interpret=interpret)
   with_lse = bool(return_lse)
 
   def local(q, k, v, seg, sinks):
-    return _ring(st, scale, with_lse, q, k, v, seg, ab.local_sinks(st, sinks, q))
+    return _ring(st, with_lse, q, k, v, seg, ab.local_sinks(st, sinks, q))
 
   return _run_sharded(st, mesh, local, q, k, v, segment_ids, sinks, with_lse)
 
@@ -181,20 +182,22 @@ def _src_ids(st: ab.Tiles, r, offset):
 
 
 def _keys(st: ab.Tiles, k, v, seg):
-  """The own shard as it travels: (stacked K, V [chunks, 2, ...], key segment ids or None)."""
+  """The own shard as it travels: (stacked K, V in the block step's layout, key segment ids or
+  None)."""
   blk = _step(st)
-  return ab.block_kv(st, k, v), blk.block_segments(st, seg, queries=False)
+  return blk.block_kv(st, k, v), blk.block_segments(st, seg, queries=False)
 
 
-def _ring_forward(st: ab.Tiles, scale, q, k, v, seg, sinks_hg):
+def _ring_forward(st: ab.Tiles, q, k, v, seg, sinks_hg):
   """Returns the finalized blocked (out float32, lse [chunks, nq, b, hk, rows, 1])."""
   blk = _step(st)
   r = lax.axis_index(specs.SEQ_AXIS)
   q_ids = st.layout.local_chunk_ids(r)
-  qb, q_seg = blk.block_scaled_queries(st, q, scale), blk.block_segments(st, seg, queries=True)
+  qb, q_seg = blk.block_scaled_queries(st, q), blk.block_segments(st, seg, queries=True)
   keys = _keys(st, k, v, seg)
-  state = blk.attend_forward(st, blk.init_state(st, qb, sinks_hg), qb, q_seg, q_ids, *keys,
-                             q_ids, _ring_pairs(st, 0))
+  # The own pairs read K, V as they are (blk.own_kv): the stacked copy is only sent.
+  state = blk.attend_forward(st, blk.init_state(st, qb, sinks_hg), qb, q_seg, q_ids,
+                             blk.own_kv(st, k, v), keys[1], q_ids, _ring_pairs(st, 0))
   for direction, steps in ring_chains(st):
     pairs = _chain_pairs(st, direction, steps)
 
@@ -206,9 +209,9 @@ def _ring_forward(st: ab.Tiles, scale, q, k, v, seg, sinks_hg):
   return blk.finalize(state)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ring(st, scale, with_lse, q, k, v, seg, sinks_hg):
-  return _outputs(st, *_ring_forward(st, scale, q, k, v, seg, sinks_hg), q.dtype, with_lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ring(st, with_lse, q, k, v, seg, sinks_hg):
+  return _outputs(st, *_ring_forward(st, q, k, v, seg, sinks_hg), q.dtype, with_lse)
 
 
 def _primal_and_output(st: ab.Tiles, finalized, dtype, with_lse: bool):
@@ -217,22 +220,23 @@ def _primal_and_output(st: ab.Tiles, finalized, dtype, with_lse: bool):
   return res, (res[0] if with_lse else res)
 
 
-def _ring_fwd(st, scale, with_lse, q, k, v, seg, sinks_hg):
-  finalized = _ring_forward(st, scale, q, k, v, seg, sinks_hg)
+def _ring_fwd(st, with_lse, q, k, v, seg, sinks_hg):
+  finalized = _ring_forward(st, q, k, v, seg, sinks_hg)
   res, out = _primal_and_output(st, finalized, q.dtype, with_lse)
   return res, (q, k, v, seg, sinks_hg, out, finalized[1])
 
 
-def _ring_bwd(st, scale, with_lse, res, cotangent):
+def _ring_bwd(st, with_lse, res, cotangent):
   """Rotates K, V again; the float32 dK, dV accumulator of the held shard travels with it and
   returns to its owner at the end of each chain, where the rank's own (offset 0) pairs are added
-  last (so no separate own dK, dV is alive during the rotation). dq stays local. Only the
-  [b, L, ...] inputs are saved; their blocked copies are rebuilt here."""
+  last (so no separate own dK, dV is alive during the rotation), reading the own K, V as they
+  are (blk.own_kv). dq stays local. Only the [b, L, ...] inputs are saved; their blocked copies
+  are rebuilt here."""
   blk = _step(st)
   q, k, v, seg, sinks_hg, out, lse = res
   r = lax.axis_index(specs.SEQ_AXIS)
   q_ids = st.layout.local_chunk_ids(r)
-  qb = blk.block_scaled_queries(st, q, scale)
+  qb = blk.block_scaled_queries(st, q)
   dob, delta = _deltas(st, out, cotangent, with_lse)
   common = (qb, dob, lse, delta, blk.block_segments(st, seg, queries=True), q_ids)
   axes = specs.axes_of(qb)
@@ -250,10 +254,11 @@ def _ring_bwd(st, scale, with_lse, res, cotangent):
     dkv = back if dkv is None else dkv + back
   if dkv is None:  # a single rank
     dkv = specs.vary(jnp.zeros(keys[0].shape, jnp.float32), axes)
-  dq, dkv = blk.attend_backward(st, (dq, dkv), *common, *keys, q_ids, _ring_pairs(st, 0))
+  dq, dkv = blk.attend_backward(st, (dq, dkv), *common, blk.own_kv(st, k, v), keys[1], q_ids,
+                                _ring_pairs(st, 0))
   dsinks = None if sinks_hg is None else blk.sinks_grad(st, sinks_hg, lse, delta)
-  dk, dv = ab.unblock_kv(st, dkv)
-  return ((blk.unblock_queries(st, dq) * scale).astype(q.dtype), dk.astype(k.dtype),
+  dk, dv = blk.unblock_kv(st, dkv)
+  return ((blk.unblock_queries(st, dq) * st.scale).astype(q.dtype), dk.astype(k.dtype),
           dv.astype(v.dtype), None, dsinks)
 
 
@@ -267,17 +272,17 @@ def allgather_attention(q, k, v, *, layout, mesh, scale=None, window=None, segme
 
   Arguments and result as in `ring_attention`.
   """
-  st, scale = _prepare("allgather_attention", q, k, v, layout=layout, scale=scale, window=window,
+  st = _prepare("allgather_attention", q, k, v, layout=layout, scale=scale, window=window,
                        segment_ids=segment_ids, sinks=sinks, mesh=mesh, block_size=block_size,
                        impl=impl, interpret=interpret)
   with_lse = bool(return_lse)
 
   def local(q, k, v, seg, sinks):
-    # K and V are gathered stacked and already chunk-major: the T-sized keys exist once, in the
-    # tiles' layout, and their gradient is reduce-scattered in that layout.
-    kv = ab.pad_kv(st, lasp2.all_gather_seq(ab.chunk_kv(st, k, v), axis=0))
+    # K and V are gathered stacked, in chunk-slot order: the T-sized keys exist once, in the
+    # block step's layout, and their gradient is reduce-scattered in that layout.
+    kv = _step(st).gather_kv(st, k, v)
     k_seg = None if seg is None else lasp2.all_gather_seq(seg, axis=1)
-    return _gathered(st, scale, with_lse, q, kv, seg, k_seg, ab.local_sinks(st, sinks, q))
+    return _gathered(st, with_lse, q, kv, seg, k_seg, ab.local_sinks(st, sinks, q))
 
   return _run_sharded(st, mesh, local, q, k, v, segment_ids, sinks, with_lse)
 
@@ -286,10 +291,10 @@ def _gathered_pairs(st: ab.Tiles):
   return ab.static_pairs(st, lambda r: tuple(st.layout.chunk_table().reshape(-1)))
 
 
-def _gathered_forward(st: ab.Tiles, scale, q, kv, seg, k_seg, sinks_hg):
+def _gathered_forward(st: ab.Tiles, q, kv, seg, k_seg, sinks_hg):
   blk = _step(st)
   q_ids = st.layout.local_chunk_ids(lax.axis_index(specs.SEQ_AXIS))
-  qb = blk.block_scaled_queries(st, q, scale)
+  qb = blk.block_scaled_queries(st, q)
   state = blk.attend_forward(st, blk.init_state(st, qb, sinks_hg), qb,
                              blk.block_segments(st, seg, queries=True), q_ids, kv,
                              blk.block_segments(st, k_seg, queries=False),
@@ -298,23 +303,22 @@ def _gathered_forward(st: ab.Tiles, scale, q, kv, seg, k_seg, sinks_hg):
   return blk.finalize(state)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _gathered(st, scale, with_lse, q, kv, seg, k_seg, sinks_hg):
-  return _outputs(st, *_gathered_forward(st, scale, q, kv, seg, k_seg, sinks_hg), q.dtype,
-                  with_lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gathered(st, with_lse, q, kv, seg, k_seg, sinks_hg):
+  return _outputs(st, *_gathered_forward(st, q, kv, seg, k_seg, sinks_hg), q.dtype, with_lse)
 
 
-def _gathered_fwd(st, scale, with_lse, q, kv, seg, k_seg, sinks_hg):
-  finalized = _gathered_forward(st, scale, q, kv, seg, k_seg, sinks_hg)
+def _gathered_fwd(st, with_lse, q, kv, seg, k_seg, sinks_hg):
+  finalized = _gathered_forward(st, q, kv, seg, k_seg, sinks_hg)
   res, out = _primal_and_output(st, finalized, q.dtype, with_lse)
   return res, (q, kv, seg, k_seg, sinks_hg, out, finalized[1])
 
 
-def _gathered_bwd(st, scale, with_lse, res, cotangent):
+def _gathered_bwd(st, with_lse, res, cotangent):
   blk = _step(st)
   q, kv, seg, k_seg, sinks_hg, out, lse = res
   q_ids = st.layout.local_chunk_ids(lax.axis_index(specs.SEQ_AXIS))
-  qb = blk.block_scaled_queries(st, q, scale)
+  qb = blk.block_scaled_queries(st, q)
   dob, delta = _deltas(st, out, cotangent, with_lse)
   axes = specs.axes_of(qb)
   grads = specs.vary((jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kv.shape, jnp.float32)), axes)
@@ -324,7 +328,7 @@ def _gathered_bwd(st, scale, with_lse, res, cotangent):
                                 jnp.asarray(st.layout.chunk_table().reshape(-1)),
                                 _gathered_pairs(st))
   dsinks = None if sinks_hg is None else blk.sinks_grad(st, sinks_hg, lse, delta)
-  return ((blk.unblock_queries(st, dq) * scale).astype(q.dtype), dkv.astype(kv.dtype), None,
+  return ((blk.unblock_queries(st, dq) * st.scale).astype(q.dtype), dkv.astype(kv.dtype), None,
           None, dsinks)
 
 

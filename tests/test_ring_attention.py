@@ -167,7 +167,8 @@ def test_composed_meshes_and_collective_counts():
     assert count(allgather_attention, 8, "zigzag", 128, None, gather, backward=True) == (1, 1, 0)
 
     # Per-device buffers of forward+backward at P = 8 against single-device flash attention: the
-    # ring keeps O(1) K, V shards alive (about 0.2 here; keeping every step's shard, 0.5).
+    # ring keeps O(1) K, V shards alive and makes no layout copy of them or of the queries
+    # (about 0.17 here; with blocked copies 0.2, keeping every step's shard 0.5).
     def fwd_bwd_bytes(op, sharding):
       x = jax.ShapeDtypeStruct((1, 2048, 4, 64), jnp.float32, sharding=sharding)
       f = lambda q, k, v, ct: jax.vjp(op, q, k, v)[1](ct)
@@ -182,7 +183,7 @@ def test_composed_meshes_and_collective_counts():
       ring = fwd_bwd_bytes(lambda q, k, v: ring_attention(
           q, k, v, layout=SeqLayout(kind, 8), block_size=64, mesh=mesh),
           jax.NamedSharding(mesh, jax.P(None, "seq")))
-      assert ring < 0.3 * single, (kind, ring / single)
+      assert ring < 0.19 * single, (kind, ring / single)
     print("counts ok")
   """)
   assert out.count("ok") == 3, out

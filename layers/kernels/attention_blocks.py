@@ -1,6 +1,6 @@
 """Blockwise causal attention between layout chunks: the xla block step of the
 sequence-parallel softmax ops (layers/softmax_parallel.py: ring attention and LASP-2H), and the
-pieces every block step shares (Tiles, the pair tables, the travelling [K; V] layout).
+pieces every block step shares (Tiles, the pair tables, the loop over visible pairs).
 attention_blocks_pallas.py is the Pallas step with the same functions.
 
 Inside jax.shard_map a rank holds `layout.chunks_per_shard` query chunks of `chunk` tokens each;
@@ -23,10 +23,15 @@ state (m, l, acc) are float32 and live memory per rank is O(rows * block_k), not
 are padded to whole blocks: padded keys are masked (kv_len), padded query rows are dropped (their
 output cotangent is zero, so they add nothing to dk, dv or the sink gradient).
 
-K and V travel and are stored stacked, [chunks, 2, b, hk, k_pad, d] (one message per ring step,
-one all-gather), with their float32 gradient likewise. The pair loops update the query state,
-dq and dK, dV tile by tile in place (dynamic slices of the full arrays), so no chunk-sized copies
-are made.
+Layouts. Every array keeps the natural [b, length, heads, e] order (length = chunks x padded
+chunk): the queries, the output cotangent, the state, lse, delta and dq per query head; K and V
+per kv head, travelling stacked as [2, b, length, hk, d] (one message per ring step, one
+all-gather), with their float32 gradient likewise. A tile is sliced out and transposed into its
+rows as it is read, and written back the same way, and the logit scale is applied to each query
+tile as it is read (Tiles.scale). So no layout copy of any chunk-sized array is made: when the
+chunk is a whole number of blocks, the rank's own queries, K, V and output cotangent are read
+where they are, and the pair loops update the state, dq and dK, dV tile by tile in place. That
+is what keeps ring attention's per-device memory near its K, V shards (experiments/audit.py).
 """
 
 import dataclasses
@@ -38,7 +43,7 @@ import numpy as np
 from jax import lax
 
 from layers.kernels import flash_common as fc
-from sharding import specs
+from sharding import lasp2, specs
 from sharding.layout import SeqLayout
 
 
@@ -55,6 +60,7 @@ class Tiles:
   group: int  # query heads per kv head
   impl: str = "xla"  # the block step: "xla" (this module) or "pallas" (attention_blocks_pallas)
   interpret: Any = None  # the Pallas step's interpret setting (None: where Pallas cannot compile)
+  scale: float = 1.0  # the logit scale, applied to the queries by the block step
 
   @property
   def q_pad(self) -> int:
@@ -86,45 +92,65 @@ def static_pairs(st: Tiles, key_chunk_ids) -> np.ndarray:
   return np.array(sorted(pairs), np.int32).reshape(-1, 2)
 
 
-def block_queries(st: Tiles, q):
-  """[b, L, h, d] -> [chunks, nq, b, hk, group * block_q, d] (rows group-major)."""
-  b, t, h, d = q.shape
-  n, nq = t // st.chunk, st.q_pad // st.block_q
-  x = fc.pad_axis(q.reshape(b, n, st.chunk, h, d), 2, st.q_pad)
-  x = x.reshape(b, n, nq, st.block_q, h // st.group, st.group, d).transpose(1, 2, 0, 4, 5, 3, 6)
-  return x.reshape(n, nq, b, h // st.group, st.group * st.block_q, d)
+def _chunks_padded(st: Tiles, x, axis: int, size: int):
+  """x [..., L, ...] (length on `axis`, whole chunks) with every chunk padded to `size` tokens
+  (x itself when size == chunk)."""
+  if size == st.chunk:
+    return x
+  n = x.shape[axis] // st.chunk
+  y = x.reshape(x.shape[:axis] + (n, st.chunk) + x.shape[axis + 1:])
+  y = fc.pad_axis(y, axis + 1, size)
+  return y.reshape(x.shape[:axis] + (n * size,) + x.shape[axis + 1:])
+
+
+def _chunks_unpadded(st: Tiles, x, axis: int, size: int):
+  """Inverse of _chunks_padded."""
+  if size == st.chunk:
+    return x
+  n = x.shape[axis] // size
+  y = x.reshape(x.shape[:axis] + (n, size) + x.shape[axis + 1:])
+  y = lax.slice_in_dim(y, 0, st.chunk, axis=axis + 1)
+  return y.reshape(x.shape[:axis] + (n * st.chunk,) + x.shape[axis + 1:])
+
+
+def block_queries(st: Tiles, x):
+  """[b, L, h, e] -> [b, chunks * q_pad, h, e]: the natural layout, every chunk padded to whole
+  query blocks (x itself when the chunk is a whole number of blocks)."""
+  return _chunks_padded(st, x, 1, st.q_pad)
 
 
 def unblock_queries(st: Tiles, x):
   """Inverse of block_queries."""
-  n, nq, b, hk, _, d = x.shape
-  x = x.reshape(n, nq, b, hk, st.group, st.block_q, d).transpose(2, 0, 1, 5, 3, 4, 6)
-  x = x.reshape(b, n, st.q_pad, hk * st.group, d)[:, :, :st.chunk]
-  return x.reshape(b, n * st.chunk, hk * st.group, d)
+  return _chunks_unpadded(st, x, 1, st.q_pad)
 
 
-def chunk_kv(st: Tiles, k, v):
-  """k, v [b, T, hk, d] -> one stacked [chunks, 2, b, hk, chunk, d] (block_kv without padding)."""
-  b, t, hk, d = k.shape
-  return jnp.stack([x.reshape(b, t // st.chunk, st.chunk, hk, d).transpose(1, 0, 3, 2, 4)
-                    for x in (k, v)], axis=1)
-
-
-def pad_kv(st: Tiles, x):
-  """[chunks, 2, b, hk, chunk, d] -> [chunks, 2, b, hk, k_pad, d]."""
-  return fc.pad_axis(x, 4, st.k_pad)
+def block_scaled_queries(st: Tiles, q):
+  """block_queries of q; the tiles apply st.scale as they are read, so no scaled copy of the
+  queries is made."""
+  return block_queries(st, q)
 
 
 def block_kv(st: Tiles, k, v):
-  """k, v [b, T, hk, d] -> [chunks, 2, b, hk, k_pad, d]: K and V of a chunk side by side."""
-  return pad_kv(st, chunk_kv(st, k, v))
+  """k, v [b, T, hk, d] -> stacked [2, b, chunks * k_pad, hk, d]: the travelling shard (one
+  message per ring step), every chunk padded to whole key blocks."""
+  return jnp.stack([_chunks_padded(st, x, 1, st.k_pad) for x in (k, v)])
+
+
+def own_kv(st: Tiles, k, v):
+  """The rank's own K, V for its own pairs without a stacked copy: (k, v) [b, chunks * k_pad,
+  hk, d] (the inputs themselves when the chunk is a whole number of key blocks)."""
+  return tuple(_chunks_padded(st, x, 1, st.k_pad) for x in (k, v))
+
+
+def gather_kv(st: Tiles, k, v):
+  """Every rank's K, V stacked in rank (chunk-slot) order: [2, b, P * chunks * k_pad, hk, d]
+  from one all-gather (inside a shard_map over `seq`)."""
+  return _chunks_padded(st, lasp2.all_gather_seq(jnp.stack([k, v]), axis=2), 2, st.k_pad)
 
 
 def unblock_kv(st: Tiles, x):
   """Inverse of block_kv: (k, v), each [b, T, hk, d]."""
-  n, _, b, hk, _, d = x.shape
-  x = x[:, :, :, :, :st.chunk].transpose(1, 2, 0, 4, 3, 5).reshape(2, b, n * st.chunk, hk, d)
-  return x[0], x[1]
+  return tuple(_chunks_unpadded(st, x[i], 1, st.k_pad) for i in range(2))
 
 
 def block_segments(st: Tiles, seg, *, queries: bool):
@@ -139,24 +165,22 @@ def block_segments(st: Tiles, seg, *, queries: bool):
   return x.transpose(1, 2, 0, 3)
 
 
-def sink_rows(st: Tiles, sinks_hg):
-  """[hk, g] sinks -> [hk, g * block_q, 1] per tile row (None stays None)."""
-  if sinks_hg is None:
-    return None
-  return jnp.repeat(sinks_hg.astype(jnp.float32), st.block_q, axis=1)[..., None]
+def _head_sinks(sinks_hg):
+  """[hk, g] sinks -> [h, 1] float32, one per query head (None stays None)."""
+  return None if sinks_hg is None else sinks_hg.reshape(-1, 1).astype(jnp.float32)
 
 
 def init_state(st: Tiles, qb, sinks_hg):
-  """Online-softmax state (m, l, acc), each [chunks, nq, b, hk, rows, 1 or d], varying like qb."""
-  state = fc.init_state(qb.shape[:-1], qb.shape[-1], sink_rows(st, sinks_hg))
+  """Online-softmax state (m, l, acc), each [b, chunks * q_pad, h, 1 or d], varying like qb."""
+  state = fc.init_state(qb.shape[:-1], qb.shape[-1], _head_sinks(sinks_hg))
   return specs.vary(state, specs.axes_of(qb))
 
 
 def sinks_grad(st: Tiles, sinks_hg, lse, delta):
-  """[hk, g] gradient of the sinks from lse, delta [chunks, nq, b, hk, rows, 1]."""
-  per_row = fc.sink_grad(sink_rows(st, sinks_hg), lse, delta)
-  per_row = per_row.reshape(lse.shape[:4] + (st.group, st.block_q))
-  return per_row.sum(axis=(0, 1, 2, 5)).astype(sinks_hg.dtype)
+  """[hk, g] gradient of the sinks from lse, delta [b, chunks * q_pad, h, 1] (padded rows have
+  delta 0)."""
+  per_row = fc.sink_grad(_head_sinks(sinks_hg), lse, delta)
+  return per_row.sum(axis=(0, 1, 3)).reshape(sinks_hg.shape).astype(sinks_hg.dtype)
 
 
 def _tile_fns(st: Tiles, rel, i, q_seg_i, k_seg):
@@ -186,19 +210,55 @@ def _tile(x, qi, i):
   return lax.dynamic_index_in_dim(lax.dynamic_index_in_dim(x, qi, 0, False), i, 0, False)
 
 
-def _put_tile(x, y, qi, i):
-  return lax.dynamic_update_slice(x, y[None, None], (qi, i) + (0,) * y.ndim)
+def _to_rows(st: Tiles, x):
+  """[b, block_q, h, e] -> the tile's [b, hk, group * block_q, e] (rows group-major)."""
+  b, bq, h, e = x.shape
+  x = x.reshape(b, bq, h // st.group, st.group, e).transpose(0, 2, 3, 1, 4)
+  return x.reshape(b, h // st.group, st.group * bq, e)
 
 
-def _kv_start(st: Tiles, kj, j):
-  return (kj, 0, 0, 0, j * st.block_k, 0)
+def _from_rows(st: Tiles, x):
+  """Inverse of _to_rows."""
+  b, hk, _, e = x.shape
+  x = x.reshape(b, hk, st.group, st.block_q, e).transpose(0, 3, 1, 2, 4)
+  return x.reshape(b, st.block_q, hk * st.group, e)
+
+
+def _q_start(st: Tiles, qi, i):
+  return qi * st.q_pad + i * st.block_q
+
+
+def _q_tile(st: Tiles, x, qi, i):
+  """Query block i of query chunk qi of a [b, chunks * q_pad, h, e] array, as tile rows."""
+  return _to_rows(st, lax.dynamic_slice_in_dim(x, _q_start(st, qi, i), st.block_q, 1))
+
+
+def _put_q_tile(st: Tiles, x, y, qi, i):
+  return lax.dynamic_update_slice_in_dim(x, _from_rows(st, y).astype(x.dtype),
+                                         _q_start(st, qi, i), 1)
+
+
+def _scaled_q_tile(st: Tiles, qb, qi, i):
+  q_i = _q_tile(st, qb, qi, i)
+  return (q_i.astype(jnp.float32) * st.scale).astype(q_i.dtype)
 
 
 def _kv_block(st: Tiles, kv, kj, j):
-  """Key block j of key chunk kj of a stacked [chunks, 2, b, hk, k_pad, d] array: [2, b, hk,
-  block_k, d]."""
-  size = (1, 2) + kv.shape[2:4] + (st.block_k, kv.shape[-1])
-  return lax.dynamic_slice(kv, _kv_start(st, kj, j), size)[0]
+  """(K, V) of key block j of key chunk kj, each [b, hk, block_k, d], from the stacked
+  [2, b, n * k_pad, hk, d] shard or the pair (k, v) of `own_kv`."""
+  start = kj * st.k_pad + j * st.block_k
+  if isinstance(kv, tuple):
+    return tuple(lax.dynamic_slice_in_dim(x, start, st.block_k, 1).swapaxes(1, 2) for x in kv)
+  block = lax.dynamic_slice_in_dim(kv, start, st.block_k, 2).swapaxes(2, 3)
+  return block[0], block[1]
+
+
+def _add_kv_block(st: Tiles, dkv, kj, j, part):
+  """dkv [2, b, n * k_pad, hk, d] with part [2, b, hk, block_k, d] added at key block j of key
+  chunk kj, in place."""
+  start = kj * st.k_pad + j * st.block_k
+  cur = lax.dynamic_slice_in_dim(dkv, start, st.block_k, 2)
+  return lax.dynamic_update_slice_in_dim(dkv, cur + part.swapaxes(2, 3), start, 2)
 
 
 def over_visible_pairs(st: Tiles, pairs, carry, q_ids, k_ids, pair_step):
@@ -236,44 +296,43 @@ def _over_pairs(st: Tiles, pairs, carry, q_seg, q_ids, k_seg, k_ids, tile_step):
 
 
 def attend_forward(st: Tiles, state, qb, q_seg, q_ids, kv, k_seg, k_ids, pairs):
-  """Folds the key chunks of kv [n, 2, b, hk, k_pad, d] (global chunk ids k_ids [n]) into the
-  query state for the static (query slot, key slot) `pairs`; hidden pairs are skipped at run
-  time. The state is updated tile by tile in place: no per-chunk copies."""
+  """Folds the key chunks of kv (block_kv's stacked shard or own_kv's pair; global chunk ids
+  k_ids [n]) into the query state for the static (query slot, key slot) `pairs`; hidden pairs
+  are skipped at run time. The state is updated tile by tile in place: no per-chunk copies."""
 
   def tile_step(qi, kj, i, mask, bounds, state):
-    q_i = _tile(qb, qi, i)
+    q_i = _scaled_q_tile(st, qb, qi, i)
 
     def body(j, s, edge):
-      kv_j = _kv_block(st, kv, kj, j)
-      return fc.online_update(s, q_i, kv_j[0], kv_j[1], mask(j, edge), 1.0)
+      k_j, v_j = _kv_block(st, kv, kj, j)
+      return fc.online_update(s, q_i, k_j, v_j, mask(j, edge), 1.0)
 
-    new = fc.blocks_loop(bounds, body, tuple(_tile(x, qi, i) for x in state))
-    return tuple(_put_tile(x, y, qi, i) for x, y in zip(state, new))
+    new = fc.blocks_loop(bounds, body, tuple(_q_tile(st, x, qi, i) for x in state))
+    return tuple(_put_q_tile(st, x, y, qi, i) for x, y in zip(state, new))
 
   return _over_pairs(st, pairs, state, q_seg, q_ids, k_seg, k_ids, tile_step)
 
 
 def attend_backward(st: Tiles, grads, qb, dob, lse, delta, q_seg, q_ids, kv, k_seg, k_ids,
                     pairs):
-  """Adds the gradients of `attend_forward`'s pairs to grads = (dq [chunks, nq, ...], dkv
-  [n, 2, b, hk, k_pad, d]), both float32, recomputing the probabilities from the saved
-  logsumexp; updated tile by tile in place."""
+  """Adds the gradients of `attend_forward`'s pairs to grads = (dq [b, chunks * q_pad, h, d],
+  dkv [2, b, n * k_pad, hk, d]), both float32, recomputing the probabilities from the saved
+  logsumexp; updated tile by tile in place. dq is the gradient of the scaled queries."""
 
   def tile_step(qi, kj, i, mask, bounds, grads):
     dq, dkv = grads
-    q_i, do_i, lse_i, delta_i = (_tile(x, qi, i) for x in (qb, dob, lse, delta))
+    q_i = _scaled_q_tile(st, qb, qi, i)
+    do_i, lse_i, delta_i = (_q_tile(st, x, qi, i) for x in (dob, lse, delta))
 
     def body(j, c, edge):
       dq_i, dkv = c
-      kv_j = _kv_block(st, kv, kj, j)
-      p, ds = fc.backward_block(q_i, kv_j[0], kv_j[1], do_i, lse_i, delta_i, mask(j, edge), 1.0)
+      k_j, v_j = _kv_block(st, kv, kj, j)
+      p, ds = fc.backward_block(q_i, k_j, v_j, do_i, lse_i, delta_i, mask(j, edge), 1.0)
       part = jnp.stack([fc.dk_part(ds, q_i, 1.0), fc.dv_part(p, do_i)])
-      dkv = lax.dynamic_update_slice(dkv, (_kv_block(st, dkv, kj, j) + part)[None],
-                                     _kv_start(st, kj, j))
-      return dq_i + fc.dq_part(ds, kv_j[0], 1.0), dkv
+      return dq_i + fc.dq_part(ds, k_j, 1.0), _add_kv_block(st, dkv, kj, j, part)
 
-    dq_i, dkv = fc.blocks_loop(bounds, body, (_tile(dq, qi, i), dkv))
-    return _put_tile(dq, dq_i, qi, i), dkv
+    dq_i, dkv = fc.blocks_loop(bounds, body, (_q_tile(st, dq, qi, i), dkv))
+    return _put_q_tile(st, dq, dq_i, qi, i), dkv
 
   return _over_pairs(st, pairs, grads, q_seg, q_ids, k_seg, k_ids, tile_step)
 
@@ -285,11 +344,6 @@ def finalize(state):
 
 def _at(x, i):
   return None if x is None else lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
-
-
-def block_scaled_queries(st: Tiles, q, scale: float):
-  """block_queries of q * scale (the scale is folded into q once, not applied per tile)."""
-  return block_queries(st, (q.astype(jnp.float32) * scale).astype(q.dtype))
 
 
 def local_sinks(st: Tiles, sinks, like):

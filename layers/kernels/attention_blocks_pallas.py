@@ -3,8 +3,8 @@ layers/kernels/attention_blocks.py (the xla step), running the flash kernels of
 layers/kernels/flash_pallas.py on each (query chunk, key chunk) pair.
 
 A rank's queries are held per chunk, head-major, [chunks, b, h, q_pad, d] (the scale folded in);
-K and V travel in the xla step's stacked [chunks, 2, b, hk, k_pad, d] layout, so the ring
-rotation and the all-gather are shared. For a visible pair the forward kernel runs with
+K and V travel stacked per chunk, [chunks, 2, b, hk, k_pad, d] (one message per ring step, one
+all-gather), with their float32 gradient likewise. For a visible pair the forward kernel runs with
 rel = (query chunk id - key chunk id) * chunk and returns the pair's normalized output and
 logsumexp, which are merged into the query chunk's running (out, lse) by logsumexp weights
 (`flash_common.merge_partials`); hidden pairs are skipped with `lax.cond`. The state starts from
@@ -19,7 +19,7 @@ from jax import lax
 from layers.kernels import attention_blocks as ab
 from layers.kernels import flash_common as fc
 from layers.kernels import flash_pallas as fp
-from sharding import specs
+from sharding import lasp2, specs
 
 
 def _static(st: ab.Tiles, has_seg: bool) -> fp.Static:
@@ -41,8 +41,44 @@ def unblock_queries(st: ab.Tiles, x):
   return x[:, :, :, :st.chunk].transpose(1, 0, 3, 2, 4).reshape(b, n * st.chunk, h, e)
 
 
-def block_scaled_queries(st: ab.Tiles, q, scale: float):
-  return block_queries(st, (q.astype(jnp.float32) * scale).astype(q.dtype))
+def block_scaled_queries(st: ab.Tiles, q):
+  """block_queries of q * st.scale (the scale folded into the queries once)."""
+  return block_queries(st, (q.astype(jnp.float32) * st.scale).astype(q.dtype))
+
+
+def _chunk_kv(st: ab.Tiles, k, v):
+  """k, v [b, T, hk, d] -> one stacked [chunks, 2, b, hk, chunk, d]."""
+  b, t, hk, d = k.shape
+  return jnp.stack([x.reshape(b, t // st.chunk, st.chunk, hk, d).transpose(1, 0, 3, 2, 4)
+                    for x in (k, v)], axis=1)
+
+
+def _pad_kv(st: ab.Tiles, x):
+  """[chunks, 2, b, hk, chunk, d] -> [chunks, 2, b, hk, k_pad, d]."""
+  return fc.pad_axis(x, 4, st.k_pad)
+
+
+def block_kv(st: ab.Tiles, k, v):
+  """k, v [b, T, hk, d] -> [chunks, 2, b, hk, k_pad, d]: K and V of a chunk side by side."""
+  return _pad_kv(st, _chunk_kv(st, k, v))
+
+
+def own_kv(st: ab.Tiles, k, v):
+  """The rank's own K, V for its own pairs: the kernels read the stacked layout."""
+  return block_kv(st, k, v)
+
+
+def gather_kv(st: ab.Tiles, k, v):
+  """Every rank's K, V, chunk-major, [P * chunks, 2, b, hk, k_pad, d] from one all-gather
+  (inside a shard_map over `seq`)."""
+  return _pad_kv(st, lasp2.all_gather_seq(_chunk_kv(st, k, v), axis=0))
+
+
+def unblock_kv(st: ab.Tiles, x):
+  """Inverse of block_kv: (k, v), each [b, T, hk, d]."""
+  n, _, b, hk, _, d = x.shape
+  x = x[:, :, :, :, :st.chunk].transpose(1, 2, 0, 4, 3, 5).reshape(2, b, n * st.chunk, hk, d)
+  return x[0], x[1]
 
 
 def block_segments(st: ab.Tiles, seg, *, queries: bool):
