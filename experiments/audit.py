@@ -23,7 +23,8 @@ backward's bytes are (forward+bwd) - (forward). Next to them, the formulas (x el
 the formula.
 
 It also reports each program's per-device peak memory from the compiled memory analysis against
-the same op on one device at the same T (goal at P = 8: at most 1/6), and the step time of the
+the same op on one device at the same T (goal at P = 8: at most 1/6, for every method but LASP-2H,
+which holds the whole K, V by design), and the step time of the
 forward+backward. The P devices are simulated on this machine's CPU cores and share them, so the
 times only rank the methods; they are not a speed-up measurement. Writes audit_comm.csv and
 audit_memory.csv under --out.
@@ -58,6 +59,8 @@ SOFTMAX = {"ring": ring_attention, "lasp2h": allgather_attention}
 LINEAR = {"lasp2": lasp2_linear_attention, "zeco": zeco_linear_attention}
 TOLERANCE = 0.05
 MEMORY_GOAL = 1 / 6
+# Methods that hold every rank's K, V by design, so the per-device memory goal does not apply.
+NO_MEMORY_GOAL = {"lasp2h": "it all-gathers the whole K, V and reduce-scatters their gradient"}
 
 
 def formula_bytes(method: str, a, shards: int, elem: int) -> dict[str, float]:
@@ -208,7 +211,8 @@ def main(argv=None) -> dict:
     base = baselines[family]
     mem.update(unsharded_MiB=base["peak_MiB_per_device"], unsharded_step_ms=base["step_ms"])
     mem["memory_fraction"] = mem["peak_MiB_per_device"] / mem["unsharded_MiB"]
-    mem["goal_1_6"] = "PASS" if mem["memory_fraction"] <= MEMORY_GOAL else "FAIL"
+    mem["goal_1_6"] = ("n/a" if method in NO_MEMORY_GOAL
+                       else "PASS" if mem["memory_fraction"] <= MEMORY_GOAL else "FAIL")
     comm += rows
     memory.append(mem)
   comm_cols = ["method", "direction", "P", "measured_MiB_per_rank", "formula_MiB_per_rank",
@@ -224,6 +228,10 @@ def main(argv=None) -> dict:
     print(f"  {r['method']} {r['direction']} bytes per rank within 5% of the formula: "
           f"{r['goal_5pct']} (ratio {r['ratio']:.3f})")
   for r in memory:
+    if r["method"] in NO_MEMORY_GOAL:
+      print(f"  {r['method']} per-device peak memory: {r['memory_fraction']:.3f} of one device "
+            f"(no goal: {NO_MEMORY_GOAL[r['method']]})")
+      continue
     print(f"  {r['method']} per-device peak memory at most 1/6 of one device: {r['goal_1_6']} "
           f"({r['memory_fraction']:.3f}; a goal at P = 8, informative at other P)")
   print(f"\nnote: the {a.shards} devices are simulated on {os.cpu_count()} CPU cores that they "

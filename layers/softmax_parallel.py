@@ -82,7 +82,8 @@ def _prepare(what, q, k, v, *, layout, scale, window, segment_ids, sinks, mesh, 
                      f"MeshConfig.seq={specs.seq_degree(mesh)}")
   specs.check_divisible(mesh, batch=b, heads=h, kv_heads=k.shape[2], what=what)
   chunk = t // layout.num_chunks
-  block_q, block_k = fc.resolve_blocks(block_size, chunk, impl)
+  block_q, block_k = fc.resolve_blocks(block_size, chunk,
+                                       "xla_blocks" if impl == "xla" else impl)
   if impl == "pallas":
     interpret, block_q, block_k, _ = fp.fit_blocks(interpret, block_q, block_k, q.shape[-1])
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -139,7 +140,7 @@ def ring_attention(q, k, v, *, layout, mesh, scale=None, window=None, segment_id
     segment_ids: optional int [b, t] (layout order); queries see only keys of their segment.
     sinks: optional float [h] sink logits (join every row's softmax denominator, no value).
     block_size: tile size, an int or (block_q, block_k); None: the block step's entry of
-      flash_common.DEFAULT_BLOCKS, shrunk to the chunk length.
+      flash_common.DEFAULT_BLOCKS ("xla_blocks" or "pallas"), shrunk to the chunk length.
     return_lse: also return the rows' logsumexp [b, t, h] float32 (layout order).
     impl: the block step, "xla" (tile loops in JAX) or "pallas" (the flash kernels per chunk
       pair, layers/kernels/attention_blocks_pallas.py).

@@ -63,6 +63,8 @@ def test_audit_tiny(tmp_path):
   assert "only rank the methods" in proc.stdout
   assert "ring forward bytes per rank within 5% of the formula: PASS" in proc.stdout, proc.stdout
   assert "ring per-device peak memory at most 1/6 of one device: " in proc.stdout, proc.stdout
+  assert "lasp2h per-device peak memory: " in proc.stdout and "(no goal: it all-gathers" in (
+      proc.stdout), proc.stdout
   with open(os.path.join(out, "audit_comm.csv")) as f:
     comm = list(csv.DictReader(f))
   assert {(r["method"], r["direction"]) for r in comm} == {
