@@ -1,7 +1,7 @@
 """Audit of the sequence-parallel methods: collective bytes, per-device memory and step time.
 
   python -m experiments.audit [--batch 1 --heads 4 --kv_heads 4 --head_dim 64 --seq_len 16384
-                            --shards 8 --methods ring,lasp2h,lasp2,zeco --out audit]
+                            --shards 8 --methods ring,lasp2h,lasp2,zeco --out runs/audit]
 
 For one layer's attention op of each method (ring and LASP-2H for softmax layers, LASP-2 and ZeCO
 for GLA-gated linear layers), at global length T over P fake CPU devices, it compiles
@@ -184,7 +184,7 @@ def parse_args(argv):
   parser.add_argument("--scan_blocks", type=int, default=4, help="ZeCO All-Scan blocks")
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out", default="audit", help="directory for the CSV files")
+  parser.add_argument("--out", default="runs/audit", help="directory for the CSV files")
   a = parser.parse_args(argv)
   a.methods = [m for m in a.methods.split(",") if m]
   bad = [m for m in a.methods if m not in METHODS]
