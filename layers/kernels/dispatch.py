@@ -22,25 +22,30 @@ log = logging.getLogger("lctx.kernels")
 CANNOT_LOWER: dict[tuple[str, str], str] = {}
 
 
-def resolve_impl(family: str, impl: str, backend: str | None = None) -> str:
+def resolve_impl(family: str, impl: str, backend: str | None = None,
+                 has_pallas: bool = True) -> str:
   """Returns the concrete implementation for `impl` and logs the choice.
 
   Args:
     family: the operation's name, used in the log line and in errors (e.g. "linear_attention").
     impl: one of IMPLS.
     backend: jax backend name; default `jax.default_backend()`.
+    has_pallas: False for a family with no Pallas kernel yet: `auto` runs xla on every backend
+      and says so, impl="pallas" is an error.
   """
   if impl not in IMPLS:
     raise ValueError(f"{family}: impl={impl!r} is not one of {IMPLS}")
   backend = backend or jax.default_backend()
   chosen = impl
   why = CANNOT_LOWER.get((family, backend))
+  if not has_pallas:
+    why = "it has no Pallas kernel yet"
   if impl == "pallas" and why:
     raise ValueError(f"{family}: impl='pallas' cannot run on {backend}: {why}; use impl='xla' "
                      "or 'auto'")
   if impl == "auto":
     chosen = "xla" if backend == "cpu" or why else "pallas"
-    if why:
+    if why and backend != "cpu":  # on CPU auto runs xla anyway
       log.warning("%s: impl=auto -> xla on %s because %s", family, backend, why)
   mode = " (interpret mode)" if chosen == "pallas" and backend == "cpu" else ""
   log.info("%s: impl=%s -> %s on %s%s", family, impl, chosen, backend, mode)

@@ -1,0 +1,114 @@
+"""The (gated) delta rule as one public op: DeltaNet and Gated DeltaNet.
+
+Per head, with the state S [d_k, d_v]:
+  S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = scale * S_t^T q_t,
+with a_t = exp(g_t): g None is DeltaNet (a_t = 1), g [b, t, h] a per-head log-gate <= 0 is Gated
+DeltaNet (Qwen3-Next). The call shape is `linear_attention`'s (and fla's): layout [b, t, h, d];
+`scale` defaulting to d_k**-0.5; `initial_state` [b, h, d_k, d_v] float32 (gradients flow into
+it); `output_final_state`; `segment_ids` [b, t] resetting the state where a new document starts;
+GQA (k and v any divisor of q's heads, repeated to them; beta and g are per query head); `impl`
+in {"reference", "xla", "auto"} and `chunk_size`. The mixer normalizes q and k (L2); the op takes
+them as they are.
+
+There is no Pallas kernel for this family yet: `auto` runs the chunked xla path on every backend
+and logs so; impl="pallas" is an error. KDA's per-channel gate ([b, t, h, d_k]) is refused.
+
+`delta_rule_step` is the single-token recurrence for decoding: O(1) per token.
+"""
+
+import jax.numpy as jnp
+
+from layers.kernels import dispatch
+from layers.kernels.delta_chunked import chunked_delta_rule
+from layers.kernels.delta_reference import delta_rule_reference, delta_step
+from layers.linear_attention import repeat_kv
+
+FAMILY = "delta_rule"
+
+
+def check_arguments(q, k, v, beta, g, initial_state, segment_ids, chunk_size):
+  """The op's argument checks (ValueErrors naming the argument)."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"delta_rule: q, k, v must be [b, t, h, d]; got q{q.shape} k{k.shape} "
+                     f"v{v.shape}")
+  b, t, h, dk = q.shape
+  if k.shape[:2] != (b, t) or v.shape[:2] != (b, t) or k.shape[2] != v.shape[2]:
+    raise ValueError(f"delta_rule: q{q.shape}, k{k.shape}, v{v.shape} disagree on batch, length "
+                     "or key/value heads")
+  if k.shape[3] != dk:
+    raise ValueError(f"delta_rule: k's head dim {k.shape[3]} != q's {dk}")
+  if h % k.shape[2]:
+    raise ValueError(f"delta_rule: query heads {h} are not a multiple of key/value heads "
+                     f"{k.shape[2]} (GQA)")
+  if tuple(beta.shape) != (b, t, h):
+    raise ValueError(f"delta_rule: beta has shape {tuple(beta.shape)}, expected [b, t, h]="
+                     f"{(b, t, h)}")
+  if g is not None and tuple(g.shape) != (b, t, h):
+    if tuple(g.shape) == (b, t, h, dk):
+      raise ValueError("delta_rule: a per-key-dimension gate [b, t, h, d_k] (KDA) is not "
+                       "implemented; use a per-head gate [b, t, h] or None")
+    raise ValueError(f"delta_rule: gate g has shape {tuple(g.shape)}; allowed: None or [b, t, h]="
+                     f"{(b, t, h)}")
+  state_shape = (b, h, dk, v.shape[3])
+  if initial_state is not None and tuple(initial_state.shape) != state_shape:
+    raise ValueError(f"delta_rule: initial_state has shape {tuple(initial_state.shape)}, "
+                     f"expected [b, h, d_k, d_v]={state_shape}")
+  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
+    raise ValueError(f"delta_rule: segment_ids has shape {tuple(segment_ids.shape)}, expected "
+                     f"[b, t]={(b, t)}")
+  if chunk_size < 16 or chunk_size % 16:
+    raise ValueError(f"delta_rule: chunk_size={chunk_size} must be a positive multiple of 16")
+
+
+def delta_rule(q, k, v, beta, g=None, *, scale: float | None = None, initial_state=None,
+               output_final_state: bool = False, segment_ids=None, impl: str = "auto",
+               chunk_size: int = 64):
+  """Causal (gated) delta rule (see the module docstring).
+
+  Args:
+    q: [b, t, h, d_k]; k: [b, t, hk, d_k]; v: [b, t, hk, d_v] with h a multiple of hk.
+    beta: [b, t, h] write strengths (sigmoid outputs in the mixers).
+    g: None (DeltaNet) or [b, t, h] log-gates <= 0 (Gated DeltaNet).
+    scale: query scale, default d_k**-0.5.
+    initial_state: [b, h, d_k, d_v] state entering the first segment of each row.
+    output_final_state: also return the state after the last token.
+    segment_ids: [b, t] document ids; the state resets where the id changes.
+    impl: "reference" (token-by-token), "xla" (chunked pure JAX) or "auto" (xla).
+    chunk_size: chunk length of the xla path (a multiple of 16).
+  Returns:
+    o [b, t, h, d_v] in q's dtype, or (o, final_state [b, h, d_k, d_v] float32).
+  """
+  check_arguments(q, k, v, beta, g, initial_state, segment_ids, chunk_size)
+  h, dk = q.shape[2], q.shape[3]
+  scale = dk ** -0.5 if scale is None else scale
+  k, v = repeat_kv(k, h), repeat_kv(v, h)
+  chosen = dispatch.resolve_impl(FAMILY, impl, has_pallas=False)
+  kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
+  if chosen == "reference":
+    o, state = delta_rule_reference(q, k, v, beta, g, **kwargs)
+  else:
+    o, state = chunked_delta_rule(q, k, v, beta, g, chunk_size=chunk_size, **kwargs)
+  return (o, state) if output_final_state else o
+
+
+def delta_rule_step(q, k, v, beta, g=None, *, state, scale: float | None = None):
+  """One decoding step: the new token's output and the updated state.
+
+  Args:
+    q: [b, h, d_k]; k: [b, hk, d_k]; v: [b, hk, d_v] (one token).
+    beta: [b, h]; g: None or [b, h] log-gate of this token.
+    state: [b, h, d_k, d_v] float32.
+    scale: default d_k**-0.5.
+  Returns:
+    (o [b, h, d_v] in q's dtype, new state [b, h, d_k, d_v] float32).
+  """
+  b, h, dk = q.shape
+  if state.shape[:3] != (b, h, dk) or v.shape[-1] != state.shape[3]:
+    raise ValueError(f"delta_rule_step: state {state.shape} does not match q{q.shape}, "
+                     f"v{v.shape}")
+  scale = dk ** -0.5 if scale is None else scale
+  f32 = lambda x: x.astype(jnp.float32)
+  k4, v4 = repeat_kv(k[:, None], h)[:, 0], repeat_kv(v[:, None], h)[:, 0]
+  o, state = delta_step(f32(state), f32(q), f32(k4), f32(v4), f32(beta),
+                        None if g is None else f32(g), scale=scale)
+  return o.astype(q.dtype), state

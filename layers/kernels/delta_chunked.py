@@ -1,0 +1,110 @@
+"""Chunked (gated) delta rule in pure JAX (the "xla" implementation).
+
+The sequence is cut into chunks of C tokens. Within a chunk, with the state S_in entering it,
+gamma_i the product of the gates a = exp(g) of the chunk's tokens up to i and
+Gamma_ij = gamma_i / gamma_j (i >= j), the recurrence S_i = a_i S_{i-1} + k_i u_i^T with
+u_i = beta_i (v_i - a_i S_{i-1}^T k_i) unrolls into the WY / UT representation:
+  (I + A) U = diag(beta) V - diag(beta gamma) K S_in,  A_ij = beta_i Gamma_ij k_i . k_j  (i > j),
+so with T = (I + A)^-1 (a unit lower-triangular solve), U' = T diag(beta) V and
+W = T diag(beta gamma) K, the chunk's pseudo-values are u = U' - W S_in and
+  o   = scale * [(Q * gamma) S_in + tril(Q K^T * Gamma) u]
+  S_out = gamma_C S_in + (K * Gamma_C.)^T u.
+Everything but the last three lines is chunk-local and runs for all chunks at once; the state
+passes from chunk to chunk in an XLA scan (one [d_k, d_v] product pair per chunk and head).
+Gates enter as in-chunk cumulative log-gates b, so every exponent is a difference b_i - b_j <= 0
+(no overflow at any gate strength). A segment reset at token i is a gate of exactly zero there:
+the ratios that span it are masked to 0 (never an exp of -inf - -inf). The backward is JAX's
+autodiff of this program (the triangular solve and the scan included).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.scipy.linalg import solve_triangular
+
+F32 = jnp.float32
+
+
+def _to_chunks(x, n: int, c: int):
+  """[b, n * c, h, ...] -> [n, b, h, c, ...]."""
+  b, _, h = x.shape[:3]
+  x = x.reshape((b, n, c, h) + x.shape[3:])
+  return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+
+def _from_chunks(x):
+  """[n, b, h, c, d] -> [b, n * c, h, d]."""
+  n, b, h, c, d = x.shape
+  return jnp.moveaxis(x, 0, 2).reshape(b, h, n * c, d).swapaxes(1, 2)
+
+
+def chunk_terms(q, k, v, beta, g, reset):
+  """The chunk-local terms of every chunk at once.
+
+  Args:
+    q, k: [n, b, h, c, dk] float32 (q already scaled); v: [n, b, h, c, dv].
+    beta: [n, b, h, c]; g: [n, b, h, c] log-gates or None; reset: [n, b, c] bool (a reset at token
+      i zeroes the state before i).
+  Returns:
+    (u_prime [.., c, dv], w [.., c, dk], q_gamma [.., c, dk], attn [.., c, c], k_end [.., c, dk],
+     gamma_end [n, b, h, 1, 1]).
+  """
+  c = q.shape[-2]
+  cum = jnp.zeros(beta.shape, F32) if g is None else jnp.cumsum(g, axis=-1)
+  runs = jnp.cumsum(reset.astype(jnp.int32), axis=-1)[:, :, None, :]  # resets up to and incl. i
+  runs = jnp.broadcast_to(runs, beta.shape)
+  lower = jnp.tril(jnp.ones((c, c), bool))
+  same = (runs[..., :, None] == runs[..., None, :]) & lower
+  ratio = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # Gamma_ij
+  gamma = jnp.where(runs == 0, jnp.exp(cum), 0.0)  # gamma_i: decay from the chunk start
+  last = ratio[..., -1, :]  # Gamma_{C-1, j}: decay from token j to the chunk end
+  gamma_end = gamma[..., -1][..., None, None]
+  kk = jnp.einsum("...id,...jd->...ij", k, k)
+  strict = jnp.tril(jnp.ones((c, c), bool), -1)
+  a = jnp.where(strict, beta[..., :, None] * kk * ratio, 0.0)
+  eye = jnp.eye(c, dtype=F32)
+  rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)
+  solved = solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  dv = v.shape[-1]
+  u_prime, w = solved[..., :dv], solved[..., dv:]
+  attn = jnp.einsum("...id,...jd->...ij", q, k) * ratio
+  return u_prime, w, gamma[..., None] * q, attn, last[..., None] * k, gamma_end
+
+
+def chunked_delta_rule(q, k, v, beta, g=None, *, scale: float, initial_state=None,
+                       segment_ids=None, chunk_size: int = 64):
+  """Chunked delta rule; arguments and result as `delta_rule_reference`, plus chunk_size."""
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  c = chunk_size
+  n = -(-t // c)
+  pad = n * c - t
+  f32 = lambda x: x.astype(F32)
+  if segment_ids is None:
+    reset = jnp.zeros((b, t), bool)
+  else:
+    reset = jnp.concatenate([jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                            axis=1)
+  gates = None if g is None else f32(g)
+  # Padded tokens (at the end) have k = 0, beta = 0 and gate 0: they leave the state unchanged.
+  padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+  qs, ks, vs = padt(f32(q) * scale), padt(f32(k)), padt(f32(v))
+  betas = padt(f32(beta))
+  gates = None if gates is None else padt(gates)
+  reset = padt(reset)
+  to_c = lambda x: _to_chunks(x[..., None], n, c)[..., 0]  # [b, T, h] -> [n, b, h, c]
+  terms = chunk_terms(_to_chunks(qs, n, c), _to_chunks(ks, n, c), _to_chunks(vs, n, c),
+                      to_c(betas), None if gates is None else to_c(gates),
+                      jnp.moveaxis(reset.reshape(b, n, c), 1, 0))
+  state0 = (jnp.zeros((b, h, dk, dv), F32) if initial_state is None else f32(initial_state))
+
+  def body(state, x):
+    u_prime, w, q_gamma, attn, k_end, gamma_end = x
+    u = u_prime - jnp.einsum("bhck,bhkv->bhcv", w, state)
+    o = jnp.einsum("bhck,bhkv->bhcv", q_gamma, state) + jnp.einsum("bhij,bhjv->bhiv", attn, u)
+    state = gamma_end * state + jnp.einsum("bhck,bhcv->bhkv", k_end, u)
+    return state, o
+
+  final, o = lax.scan(body, state0, terms)
+  o = _from_chunks(o)[:, :t]
+  return o.astype(q.dtype), final

@@ -1,0 +1,135 @@
+"""The delta rule op (DeltaNet, Gated DeltaNet): the oracle against the matrix form, the chunked
+xla path against the oracle (outputs, final states and every gradient, float32, odd shapes),
+decoding steps, dispatch and errors."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layers.delta_rule import delta_rule, delta_rule_step
+
+B, H, HK = 2, 4, 2
+
+
+def inputs(t, dk, dv, gate_scale, seed=0):
+  rng = np.random.default_rng(seed)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # the mixers L2-normalize k
+  q = rng.normal(size=(B, t, H, dk))
+  k = unit(rng.normal(size=(B, t, HK, dk)))
+  v = rng.normal(size=(B, t, HK, dv))
+  beta = 1 / (1 + np.exp(-rng.normal(size=(B, t, H))))
+  g = None if gate_scale is None else -gate_scale * rng.uniform(size=(B, t, H))
+  h0 = rng.normal(size=(B, H, dk, dv))
+  f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+  return tuple(map(f32, (q, k, v, beta, g, h0)))
+
+
+def segments(t):
+  # Row 0: resets inside a chunk and exactly at a chunk start (16); row 1: ids 0, 1, 0.
+  seg = np.zeros((B, t), np.int32)
+  seg[0, 5:], seg[0, 16:], seg[0, t // 2 + 3:] = 1, 2, 3
+  seg[1, 20:], seg[1, t - 9:] = 1, 0
+  return jnp.asarray(seg)
+
+
+def test_reference_is_the_matrix_recurrence():
+  # S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t, written out
+  # with explicit matrices in float64.
+  t, dk, dv = 9, 5, 3
+  q, k, v, beta, g, h0 = (None if x is None else np.asarray(x, np.float64)
+                          for x in inputs(t, dk, dv, 1.0, seed=3))
+  o, final = delta_rule(*(jnp.asarray(x, jnp.float32) for x in (q, k, v, beta, g)),
+                        initial_state=jnp.asarray(h0, jnp.float32), output_final_state=True,
+                        impl="reference")
+  want = np.zeros((B, t, H, dv))
+  for bi in range(B):
+    for hi in range(H):
+      s = h0[bi, hi]
+      for ti in range(t):
+        kt, vt = k[bi, ti, hi // 2][:, None], v[bi, ti, hi // 2][:, None]
+        bt, at = beta[bi, ti, hi], np.exp(g[bi, ti, hi])
+        s = at * (np.eye(dk) - bt * kt @ kt.T) @ s + bt * kt @ vt.T
+        want[bi, ti, hi] = dk ** -0.5 * s.T @ q[bi, ti, hi]
+      np.testing.assert_allclose(final[bi, hi], s, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-5)
+
+
+def _vjp(impl, args, seg, ct, chunk_size=16):
+  def fn(q, k, v, beta, g, h0):
+    return delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True,
+                      segment_ids=seg, impl=impl, chunk_size=chunk_size)
+
+  out, vjp = jax.vjp(fn, *args)
+  return out, vjp(ct)
+
+
+@pytest.mark.parametrize("t,dk,dv,gate_scale", [(63, 60, 60, None), (100, 60, 28, 0.1),
+                                                 (63, 12, 7, 1.0), (100, 12, 7, 10.0)])
+def test_chunked_matches_reference_values_states_and_gradients(t, dk, dv, gate_scale):
+  args = inputs(t, dk, dv, gate_scale)
+  seg = segments(t)
+  rng = np.random.default_rng(1)
+  ct = (jnp.asarray(rng.normal(size=(B, t, H, dv)), jnp.float32),
+        jnp.asarray(rng.normal(size=(B, H, dk, dv)), jnp.float32))
+  got = jax.jit(lambda a, c: _vjp("xla", a, seg, c))(args, ct)
+  want = jax.jit(lambda a, c: _vjp("reference", a, seg, c))(args, ct)
+  rel = lambda x, y: float(np.linalg.norm(x - y) / (np.linalg.norm(y) + 1e-30))
+  (o, s), grads = jax.device_get(got)
+  (o_ref, s_ref), grads_ref = jax.device_get(want)
+  names = ("dq", "dk", "dv", "dbeta", "dg", "dh0")
+  errs = {"o": rel(o, o_ref), "state": rel(s, s_ref)}
+  errs.update({n: rel(a, b) for n, a, b in zip(names, grads, grads_ref) if b is not None})
+  assert len(errs) == (7 if gate_scale is None else 8), errs
+  assert max(errs.values()) <= 1e-5, errs
+
+
+def test_chunk_size_does_not_change_the_result():
+  args = inputs(100, 12, 7, 1.0, seed=2)
+  run = lambda c: jax.jit(lambda a: delta_rule(*a[:5], initial_state=a[5],
+                                                segment_ids=segments(100), impl="xla",
+                                                chunk_size=c))(args)
+  np.testing.assert_allclose(run(16), run(64), rtol=2e-5, atol=2e-5)
+
+
+def test_decoding_steps_equal_the_chunked_output():
+  q, k, v, beta, g, h0 = inputs(40, 12, 7, 1.0, seed=4)
+  o, final = delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True, impl="xla",
+                        chunk_size=16)
+  state, steps = h0, []
+  step = jax.jit(lambda *a, state: delta_rule_step(*a, state=state))
+  for i in range(q.shape[1]):
+    o_i, state = step(q[:, i], k[:, i], v[:, i], beta[:, i], g[:, i], state=state)
+    steps.append(o_i)
+  np.testing.assert_allclose(jnp.stack(steps, 1), o, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(state, final, rtol=2e-5, atol=2e-5)
+
+
+def test_auto_runs_xla_and_says_why_on_accelerators(caplog):
+  from layers.kernels import dispatch
+  q, k, v, beta, g, _ = inputs(16, 8, 8, 1.0)
+  with caplog.at_level(logging.INFO, logger="lctx.kernels"):
+    delta_rule(q, k, v, beta, g)
+  assert "delta_rule: impl=auto -> xla on cpu" in caplog.text
+  with caplog.at_level(logging.INFO, logger="lctx.kernels"):
+    assert dispatch.resolve_impl("delta_rule", "auto", "gpu", has_pallas=False) == "xla"
+  assert "delta_rule: impl=auto -> xla on gpu because it has no Pallas kernel yet" in caplog.text
+  with pytest.raises(ValueError, match="delta_rule: impl='pallas' cannot run on cpu: it has no "
+                     "Pallas kernel yet"):
+    delta_rule(q, k, v, beta, g, impl="pallas")
+
+
+def test_bad_arguments_name_what_is_wrong():
+  q, k, v, beta, g, h0 = inputs(16, 8, 8, 1.0)
+  with pytest.raises(ValueError, match=r"beta has shape \(2, 16\)"):
+    delta_rule(q, k, v, beta[..., 0], g)
+  with pytest.raises(ValueError, match="per-key-dimension gate .* \\(KDA\\) is not implemented"):
+    delta_rule(q, k, v, beta, jnp.broadcast_to(g[..., None], q.shape))
+  with pytest.raises(ValueError, match="initial_state has shape"):
+    delta_rule(q, k, v, beta, g, initial_state=h0[:, :2])
+  with pytest.raises(ValueError, match="chunk_size=24"):
+    delta_rule(q, k, v, beta, g, chunk_size=24)
+  with pytest.raises(ValueError, match="not a multiple of key/value heads"):
+    delta_rule(q[:, :, :3], k, v, beta[:, :, :3], g[:, :, :3])
