@@ -22,7 +22,7 @@ import jax.numpy as jnp
 _MIXERS: dict[str, type] = {}
 
 # Modules whose import registers the built-in mixers; loaded on the first lookup.
-BUILTIN_MODULES = ("layers.attention", "layers.linear_mixers")
+BUILTIN_MODULES = ("layers.attention", "layers.linear_mixers", "layers.gated_deltanet")
 
 T = TypeVar("T", bound=type)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from layers.attention import AttentionConfig, SlidingWindowConfig
+from layers.gated_deltanet import GatedDeltaNetConfig
 from layers.linear_mixers import GLAConfig, LightningConfig
 from lctx.config import ModelConfig
 from lctx.generate import (GenerateConfig, generate, greedy_by_recompute, init_cache, left_pad,
@@ -36,6 +37,11 @@ MODELS = {
                    mixer_options={"gla": GLAConfig(4, chunk_size=16, impl=REF),
                                   "swa": SlidingWindowConfig(4, 2, window=3, impl=REF),
                                   "attention": AttentionConfig(4, 2, sink_tokens=2, impl=REF)}),
+    # Gated DeltaNet (its convolution caches and state) on its chunked path under attention.
+    "deltanet": dict(mixers=("gated_deltanet", "attention"),
+                     mixer_options={"gated_deltanet": GatedDeltaNetConfig(4, num_key_heads=2,
+                                                                          chunk_size=16),
+                                    "attention": AttentionConfig(4, 2, impl=REF)}),
 }
 
 
@@ -110,7 +116,8 @@ def test_chunked_prefill_is_one_scan():
 
 # Chunks of 4 divide the 12-token batch; chunks of 5 do not (it is left-padded to 15). The
 # unpadded row, prefilled in chunks, must also match the one-pass prefill.
-@pytest.mark.parametrize("name,chunk", [("attention", 4), ("linear", 5), ("hybrid", 5)])
+@pytest.mark.parametrize("name,chunk", [("attention", 4), ("linear", 5), ("hybrid", 5),
+                                        ("deltanet", 5)])
 def test_ragged_batch_rows_equal_each_prompt_alone(name, chunk):
   """Prompts of 12, 7 and 3 tokens, left-padded into one batch and prefilled in chunks,
   continue as each prompt alone, tokens and logits."""

@@ -11,8 +11,9 @@ W = T diag(beta gamma) K, the chunk's pseudo-values are u = U' - W S_in and
   S_out = gamma_C S_in + (K * Gamma_C.)^T u.
 Everything but the last three lines is chunk-local and runs for all chunks at once; the state
 passes from chunk to chunk in an XLA scan (one [d_k, d_v] product pair per chunk and head).
-Gates enter as in-chunk cumulative log-gates b, so every exponent is a difference b_i - b_j <= 0
-(no overflow at any gate strength). A segment reset at token i is a gate of exactly zero there:
+Gates enter as in-chunk sums of log-gates over (j, i], each summed directly rather than as a
+difference of cumulative sums (so the small gates after one strongly decaying token keep their
+precision), and every exponent is <= 0 (no overflow at any gate strength). A segment reset at token i is a gate of exactly zero there:
 the ratios that span it are masked to 0 (never an exp of -inf - -inf). The backward is JAX's
 autodiff of this program (the triangular solve and the scan included).
 """
@@ -50,13 +51,23 @@ def chunk_terms(q, k, v, beta, g, reset):
      gamma_end [n, b, h, 1, 1]).
   """
   c = q.shape[-2]
-  cum = jnp.zeros(beta.shape, F32) if g is None else jnp.cumsum(g, axis=-1)
   runs = jnp.cumsum(reset.astype(jnp.int32), axis=-1)[:, :, None, :]  # resets up to and incl. i
   runs = jnp.broadcast_to(runs, beta.shape)
   lower = jnp.tril(jnp.ones((c, c), bool))
   same = (runs[..., :, None] == runs[..., None, :]) & lower
-  ratio = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # Gamma_ij
-  gamma = jnp.where(runs == 0, jnp.exp(cum), 0.0)  # gamma_i: decay from the chunk start
+  if g is None:
+    ratio = same.astype(F32)
+    gamma = (runs == 0).astype(F32)
+  else:
+    # log Gamma_ij = the sum of g over (j, i], summed directly (a 0/1 matmul at full precision),
+    # not as cumsum_i - cumsum_j: after one strongly decaying token the cumulative sums are
+    # large, and their difference would lose the small gates between i and j.
+    s_idx = jnp.arange(c)
+    between = ((s_idx[None, None, :] > s_idx[None, :, None])
+               & (s_idx[None, None, :] <= s_idx[:, None, None])).astype(F32)  # [i, j, s]
+    pair_sums = jnp.einsum("ijs,...s->...ij", between, g, precision=lax.Precision.HIGHEST)
+    ratio = jnp.exp(jnp.where(same, pair_sums, -jnp.inf))  # Gamma_ij
+    gamma = jnp.where(runs == 0, jnp.exp(jnp.cumsum(g, axis=-1)), 0.0)  # from the chunk start
   last = ratio[..., -1, :]  # Gamma_{C-1, j}: decay from token j to the chunk end
   gamma_end = gamma[..., -1][..., None, None]
   kk = jnp.einsum("...id,...jd->...ij", k, k)
