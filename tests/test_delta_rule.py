@@ -147,3 +147,37 @@ def test_bad_arguments_name_what_is_wrong():
     delta_rule(q, k, v, beta, g, chunk_size=24)
   with pytest.raises(ValueError, match="not a multiple of key/value heads"):
     delta_rule(q[:, :, :3], k, v, beta[:, :, :3], g[:, :, :3])
+
+
+def test_unit_lower_inverse_matches_numpy():
+  from layers.kernels.delta_chunked import unit_lower_inverse
+  rng = np.random.default_rng(7)
+  for c in (16, 48):
+    a = np.tril(rng.normal(size=(3, c, c)), -1) * 0.3
+    got = unit_lower_inverse(jnp.asarray(a, jnp.float32))
+    want = np.linalg.inv(np.eye(c) + a)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_back_to_back_gated_backward_passes_finish():
+  # XLA:CPU's triangular-solve custom call deadlocked here after a few jitted gated backward
+  # passes dispatched back to back (the chunked path now inverts by block doubling); run in a
+  # subprocess so that a deadlock fails the test instead of hanging the suite.
+  import subprocess
+  import sys
+  from tests import cli
+  script = """
+import jax, jax.numpy as jnp, numpy as np
+from layers.delta_rule import delta_rule
+x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64, 4, 64)), jnp.float32)
+k = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+beta, g = jnp.full((8, 64, 4), 0.5), jnp.full((8, 64, 4), -0.1)
+f = jax.jit(jax.grad(lambda q, k, v: delta_rule(q, k, v, beta, g).sum(), argnums=(0, 1, 2)))
+for _ in range(30):
+  out = f(k, k, x)
+jax.block_until_ready(out)
+print("done")
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=cli.ROOT, env=cli.env(),
+                        capture_output=True, text=True, timeout=180)
+  assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]

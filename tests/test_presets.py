@@ -24,7 +24,7 @@ LAYOUTS = {
     "tiny_spikingbrain_76b.gin": ("gla+swa", "gla+attention"),
     "hybrid_jamba.gin": (G,) * 4 + (A,) + (G,) * 3,
     "hybrid_minimax.gin": ("lightning",) * 7 + (A,),
-    "hybrid_qwen3_next.gin": (G, G, G, A) * 2,
+    "hybrid_qwen3_next.gin": ("gated_deltanet",) * 3 + (A,) + ("gated_deltanet",) * 3 + (A,),
     "hybrid_longgen.gin": (S, S, A, A, S, S),
     "hybrid_list.gin": ("lightning", A, "lightning", "lightning", A, "lightning"),
 }

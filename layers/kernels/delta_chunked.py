@@ -5,7 +5,7 @@ gamma_i the product of the gates a = exp(g) of the chunk's tokens up to i and
 Gamma_ij = gamma_i / gamma_j (i >= j), the recurrence S_i = a_i S_{i-1} + k_i u_i^T with
 u_i = beta_i (v_i - a_i S_{i-1}^T k_i) unrolls into the WY / UT representation:
   (I + A) U = diag(beta) V - diag(beta gamma) K S_in,  A_ij = beta_i Gamma_ij k_i . k_j  (i > j),
-so with T = (I + A)^-1 (a unit lower-triangular solve), U' = T diag(beta) V and
+so with T = (I + A)^-1 (`unit_lower_inverse`), U' = T diag(beta) V and
 W = T diag(beta gamma) K, the chunk's pseudo-values are u = U' - W S_in and
   o   = scale * [(Q * gamma) S_in + tril(Q K^T * Gamma) u]
   S_out = gamma_C S_in + (K * Gamma_C.)^T u.
@@ -15,13 +15,12 @@ Gates enter as in-chunk sums of log-gates over (j, i], each summed directly rath
 difference of cumulative sums (so the small gates after one strongly decaying token keep their
 precision), and every exponent is <= 0 (no overflow at any gate strength). A segment reset at token i is a gate of exactly zero there:
 the ratios that span it are masked to 0 (never an exp of -inf - -inf). The backward is JAX's
-autodiff of this program (the triangular solve and the scan included).
+autodiff of this program (the block inversion and the scan included).
 """
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import solve_triangular
 
 F32 = jnp.float32
 
@@ -37,6 +36,36 @@ def _from_chunks(x):
   """[n, b, h, c, d] -> [b, n * c, h, d]."""
   n, b, h, c, d = x.shape
   return jnp.moveaxis(x, 0, 2).reshape(b, h, n * c, d).swapaxes(1, 2)
+
+
+def _dot(a, b):
+  return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+
+
+def unit_lower_inverse(a):
+  """(I + a)^-1 for strictly lower-triangular a [..., c, c], by doubling diagonal blocks:
+  with the inverses T11, T22 of two adjacent diagonal blocks known, the inverse of the block
+  they form has T22 and T11 on its diagonal and -T22 a21 T11 below. log2(c) levels of batched
+  matmuls, no LAPACK call (XLA:CPU's triangular-solve and LU custom calls deadlocked its
+  runtime in jitted gated backward passes run back to back), autodiff through plain dots."""
+  c = a.shape[-1]
+  size = 1 << max(c - 1, 0).bit_length()
+  if size != c:  # the identity completion of a power-of-two block keeps the top-left inverse
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, size - c), (0, size - c)])
+  lead = a.shape[:-2]
+  t = jnp.ones(lead + (size, 1, 1), a.dtype)
+  s = 1
+  while s < size:
+    nb = size // (2 * s)
+    blocks = a.reshape(lead + (nb, 2 * s, nb, 2 * s))
+    diag = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [.., nb, 2s, 2s]
+    t = t.reshape(lead + (nb, 2, s, s))
+    t11, t22 = t[..., 0, :, :], t[..., 1, :, :]
+    below = -_dot(_dot(t22, diag[..., s:, :s]), t11)
+    t = jnp.concatenate([jnp.concatenate([t11, jnp.zeros_like(t11)], -1),
+                         jnp.concatenate([below, t22], -1)], -2)
+    s *= 2
+  return t[..., 0, :c, :c]
 
 
 def chunk_terms(q, k, v, beta, g, reset):
@@ -73,9 +102,8 @@ def chunk_terms(q, k, v, beta, g, reset):
   kk = jnp.einsum("...id,...jd->...ij", k, k)
   strict = jnp.tril(jnp.ones((c, c), bool), -1)
   a = jnp.where(strict, beta[..., :, None] * kk * ratio, 0.0)
-  eye = jnp.eye(c, dtype=F32)
   rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)
-  solved = solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  solved = _dot(unit_lower_inverse(a), rhs)
   dv = v.shape[-1]
   u_prime, w = solved[..., :dv], solved[..., dv:]
   attn = jnp.einsum("...id,...jd->...ij", q, k) * ratio
