@@ -8,7 +8,10 @@ matplotlib). Every method runs through its public op with impl="auto" except the
   jax_nn_causal     jax.nn.dot_product_attention(is_causal=True);
   flash             softmax_attention(impl="auto"): our flash attention (its impl in the table);
   linear / lightning / gla   linear_attention(impl="auto") with no gate, fixed per-head decays, and
-                    a per-key-dimension gate.
+                    a per-key-dimension gate;
+  delta_rule        delta_rule(impl="auto") (Gated DeltaNet: L2-normalized keys, beta 0.5, a
+                    per-head gate); its useful FLOPs b*h*t*(5*C*d + 6*d^2) count the causal
+                    halves of its four chunk products and its three state products.
 FLOPs (what achieved GFLOP/s divides) count useful work only, by one rule for both families:
   forward      causal softmax 2*b*h*t^2*d (the visible half of QK^T and PV); chunked linear
                b*h*t*(C*(dk+dv) + 4*dk*dv) (the causal half of each chunk's C x C products, plus
@@ -30,12 +33,14 @@ import jax.numpy as jnp
 
 from experiments import benchmarking as bm
 from layers.kernels.dispatch import resolve_impl
+from layers.delta_rule import delta_rule
 from layers.linear_attention import linear_attention
 from layers.softmax_attention import softmax_attention
 
 COLUMNS = ["method", "impl", "t", "fwd_ms", "fwd_bwd_ms", "fwd_gflops", "fwd_bwd_gflops",
            "fwd_peak_frac", "fwd_bwd_peak_frac", "note"]
 DECODE_COLUMNS = ["model", "context", "step_ms", "cache_mib"]
+GATED = ("gla", "delta_rule")  # methods whose gradient includes the gate's
 
 
 def softmax_flops(b, h, t, d):
@@ -44,6 +49,21 @@ def softmax_flops(b, h, t, d):
 
 def linear_flops(b, h, t, d, chunk):
   return float(b * h * t * (chunk * 2 * d + 4 * d * d))
+
+
+def delta_flops(b, h, t, d, chunk):
+  """Useful FLOPs of the chunked gated delta rule: the causal halves of the chunk's K K^T,
+  T [V, K], Q K^T and (Q K^T) u products, and the W S, Q S and K^T u state products."""
+  return float(b * h * t * (chunk * 5 * d + 6 * d * d))
+
+
+def _delta(chunk):
+  """The gated delta rule on the benchmark's inputs: L2-normalized keys (a stable recurrence),
+  beta 0.5 and the mean of the GLA log-gate over d_k as the per-head gate."""
+  def fn(q, k, v, g):
+    k = k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))
+    return delta_rule(q, k, v, jnp.full(q.shape[:3], 0.5), g.mean(-1), chunk_size=chunk)
+  return fn
 
 
 def _methods(h, d, chunk):
@@ -71,6 +91,8 @@ def _methods(h, d, chunk):
       "linear": (lin("none"), lflops, 3.5, False, linear_impl),
       "lightning": (lin("fixed"), lflops, 3.5, False, linear_impl),
       "gla": (lin("gla"), lflops, 3.5, False, linear_impl),
+      "delta_rule": (_delta(chunk), lambda b, t: delta_flops(b, h, t, d, chunk), 3.5, False,
+                     resolve_impl("delta_rule", "auto", has_pallas=False)),
   }
 
 
@@ -94,7 +116,7 @@ def bench_lengths(lengths, b, h, d, chunk, repeats, peak, only=None):
         continue
       fwd = jax.jit(fn)
       loss = lambda q, k, v, g, fn=fn: jnp.vdot(fn(q, k, v, g), cot)
-      grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3) if name == "gla" else (0, 1, 2)))
+      grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3) if name in GATED else (0, 1, 2)))
       row["fwd_ms"] = bm.time_ms(fwd, q, k, v, g, repeats=repeats)
       row["fwd_bwd_ms"] = bm.time_ms(grad, q, k, v, g, repeats=repeats)
       f = flops(b, t)
@@ -173,6 +195,15 @@ def summarize(rows, decode_rows):
   else:
     lines.append(_goal(None, "plain linear forward at 16K vs matmul peak (goal >= 30%): 16384 "
                              "not measured"))
+  delta16 = get("delta_rule", 16384, "fwd_bwd_ms")
+  if delta16 and gla16 and nn16:
+    lines.append(_goal(delta16 <= 3 * gla16, f"delta_rule fwd+bwd at 16K: {delta16 / gla16:.1f}x "
+                                            "gla's (goal <= 3x)"))
+    lines.append(_goal(nn16 / delta16 >= 10, f"delta_rule fwd+bwd at 16K: {nn16 / delta16:.1f}x "
+                                             "faster than jax_nn_causal (goal >= 10x)"))
+  else:
+    lines.append(_goal(None, "delta_rule fwd+bwd at 16K vs gla (goal <= 3x) and jax_nn_causal "
+                             "(goal >= 10x): 16384 not measured for all three"))
   gla4, gla32 = get("gla", 4096, "fwd_bwd_ms"), get("gla", 32768, "fwd_bwd_ms")
   if gla4 and gla32:
     lines.append(_goal(gla32 / gla4 <= 9, f"gla fwd+bwd 4K -> 32K: {gla32 / gla4:.1f}x longer "

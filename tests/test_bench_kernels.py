@@ -14,7 +14,7 @@ def test_bench_kernels_writes_tables(tmp_path, capsys):
   with open(os.path.join(out, "kernels.csv")) as f:
     rows = list(csv.DictReader(f))
   assert {r["method"] for r in rows} == {"dense_reference", "jax_nn_causal", "flash", "linear",
-                                         "lightning", "gla"}
+                                         "lightning", "gla", "delta_rule"}
   for r in rows:
     assert float(r["fwd_ms"]) > 0 and float(r["fwd_bwd_ms"]) > 0
     assert 0 < float(r["fwd_peak_frac"]) and r["impl"] in ("reference", "xla", "pallas")
@@ -29,4 +29,5 @@ def test_bench_kernels_writes_tables(tmp_path, capsys):
   assert re.search(r"^n/a   decode full_attention: step at 40", printed, re.M)
   assert "n/a   gla fwd+bwd at 16K vs jax_nn_causal" in printed
   assert "n/a   plain linear forward at 16K" in printed
+  assert "n/a   delta_rule fwd+bwd at 16K vs gla" in printed
   assert os.path.exists(os.path.join(out, "kernels.png"))
