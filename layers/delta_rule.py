@@ -21,25 +21,15 @@ import jax.numpy as jnp
 from layers.kernels import dispatch
 from layers.kernels.delta_chunked import chunked_delta_rule
 from layers.kernels.delta_reference import delta_rule_reference, delta_step
-from layers.linear_attention import repeat_kv
+from layers.linear_attention import check_common, repeat_kv
 
 FAMILY = "delta_rule"
 
 
 def check_arguments(q, k, v, beta, g, initial_state, segment_ids, chunk_size):
   """The op's argument checks (ValueErrors naming the argument)."""
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"delta_rule: q, k, v must be [b, t, h, d]; got q{q.shape} k{k.shape} "
-                     f"v{v.shape}")
+  check_common(FAMILY, q, k, v, initial_state, segment_ids, chunk_size)
   b, t, h, dk = q.shape
-  if k.shape[:2] != (b, t) or v.shape[:2] != (b, t) or k.shape[2] != v.shape[2]:
-    raise ValueError(f"delta_rule: q{q.shape}, k{k.shape}, v{v.shape} disagree on batch, length "
-                     "or key/value heads")
-  if k.shape[3] != dk:
-    raise ValueError(f"delta_rule: k's head dim {k.shape[3]} != q's {dk}")
-  if h % k.shape[2]:
-    raise ValueError(f"delta_rule: query heads {h} are not a multiple of key/value heads "
-                     f"{k.shape[2]} (GQA)")
   if tuple(beta.shape) != (b, t, h):
     raise ValueError(f"delta_rule: beta has shape {tuple(beta.shape)}, expected [b, t, h]="
                      f"{(b, t, h)}")
@@ -49,15 +39,6 @@ def check_arguments(q, k, v, beta, g, initial_state, segment_ids, chunk_size):
                        "implemented; use a per-head gate [b, t, h] or None")
     raise ValueError(f"delta_rule: gate g has shape {tuple(g.shape)}; allowed: None or [b, t, h]="
                      f"{(b, t, h)}")
-  state_shape = (b, h, dk, v.shape[3])
-  if initial_state is not None and tuple(initial_state.shape) != state_shape:
-    raise ValueError(f"delta_rule: initial_state has shape {tuple(initial_state.shape)}, "
-                     f"expected [b, h, d_k, d_v]={state_shape}")
-  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
-    raise ValueError(f"delta_rule: segment_ids has shape {tuple(segment_ids.shape)}, expected "
-                     f"[b, t]={(b, t)}")
-  if chunk_size < 16 or chunk_size % 16:
-    raise ValueError(f"delta_rule: chunk_size={chunk_size} must be a positive multiple of 16")
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale: float | None = None, initial_state=None,

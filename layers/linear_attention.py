@@ -23,33 +23,40 @@ from layers.kernels.linear_chunked import chunked_linear_attention
 from layers.kernels.linear_reference import linear_attention_reference, recurrent_step
 
 
-def check_arguments(q, k, v, g, initial_state, segment_ids, chunk_size):
-  """The op's argument checks (ValueErrors naming the argument); shared with sharding/."""
+def check_common(family: str, q, k, v, initial_state, segment_ids, chunk_size):
+  """The checks every linear-recurrence op shares: [b, t, h, d] q, k, v with GQA heads, the
+  initial state, segment ids and chunk size (ValueErrors naming `family` and the argument)."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"linear_attention: q, k, v must be [b, t, h, d]; got q{q.shape} k{k.shape} "
+    raise ValueError(f"{family}: q, k, v must be [b, t, h, d]; got q{q.shape} k{k.shape} "
                      f"v{v.shape}")
   b, t, h, dk = q.shape
   if k.shape[:2] != (b, t) or v.shape[:2] != (b, t) or k.shape[2] != v.shape[2]:
-    raise ValueError(f"linear_attention: q{q.shape}, k{k.shape}, v{v.shape} disagree on batch, "
-                     "length or key/value heads")
+    raise ValueError(f"{family}: q{q.shape}, k{k.shape}, v{v.shape} disagree on batch, length "
+                     "or key/value heads")
   if k.shape[3] != dk:
-    raise ValueError(f"linear_attention: k's head dim {k.shape[3]} != q's {dk}")
+    raise ValueError(f"{family}: k's head dim {k.shape[3]} != q's {dk}")
   if h % k.shape[2]:
-    raise ValueError(f"linear_attention: query heads {h} are not a multiple of key/value heads "
+    raise ValueError(f"{family}: query heads {h} are not a multiple of key/value heads "
                      f"{k.shape[2]} (GQA)")
+  state_shape = (b, h, dk, v.shape[3])
+  if initial_state is not None and tuple(initial_state.shape) != state_shape:
+    raise ValueError(f"{family}: initial_state has shape {tuple(initial_state.shape)}, "
+                     f"expected [b, h, d_k, d_v]={state_shape}")
+  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
+    raise ValueError(f"{family}: segment_ids has shape {tuple(segment_ids.shape)}, expected "
+                     f"[b, t]={(b, t)}")
+  if chunk_size < 1 or chunk_size % 16:
+    raise ValueError(f"{family}: chunk_size={chunk_size} must be a positive multiple of 16")
+
+
+def check_arguments(q, k, v, g, initial_state, segment_ids, chunk_size):
+  """The op's argument checks (ValueErrors naming the argument); shared with sharding/."""
+  check_common("linear_attention", q, k, v, initial_state, segment_ids, chunk_size)
+  b, t, h, dk = q.shape
   allowed = [(h,), (b, t, h), (b, t, h, dk)]
   if g is not None and tuple(g.shape) not in allowed:
     raise ValueError(f"linear_attention: gate g has shape {tuple(g.shape)}; allowed: None, "
                      f"[h]={allowed[0]}, [b,t,h]={allowed[1]}, [b,t,h,d_k]={allowed[2]}")
-  state_shape = (b, h, dk, v.shape[3])
-  if initial_state is not None and tuple(initial_state.shape) != state_shape:
-    raise ValueError(f"linear_attention: initial_state has shape {tuple(initial_state.shape)}, "
-                     f"expected [b, h, d_k, d_v]={state_shape}")
-  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
-    raise ValueError(f"linear_attention: segment_ids has shape {tuple(segment_ids.shape)}, "
-                     f"expected [b, t]={(b, t)}")
-  if chunk_size < 1 or chunk_size % 16:
-    raise ValueError(f"linear_attention: chunk_size={chunk_size} must be a positive multiple of 16")
 
 
 def kernel_log_gate(g, b, t, h):

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from layers.kernels.linear_reference import segment_resets
+
 F32 = jnp.float32
 
 
@@ -119,11 +121,7 @@ def chunked_delta_rule(q, k, v, beta, g=None, *, scale: float, initial_state=Non
   n = -(-t // c)
   pad = n * c - t
   f32 = lambda x: x.astype(F32)
-  if segment_ids is None:
-    reset = jnp.zeros((b, t), bool)
-  else:
-    reset = jnp.concatenate([jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                            axis=1)
+  reset = segment_resets(segment_ids, b, t)
   gates = None if g is None else f32(g)
   # Padded tokens (at the end) have k = 0, beta = 0 and gate 0: they leave the state unchanged.
   padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x

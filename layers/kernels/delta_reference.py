@@ -9,7 +9,8 @@ state; the initial state enters the first segment of each row.
 """
 
 import jax.numpy as jnp
-from jax import lax
+
+from layers.kernels.linear_reference import token_scan
 
 
 def delta_step(state_bhkv, q_bhk, k_bhk, v_bhv, beta_bh, g_bh=None, *, scale: float):
@@ -36,24 +37,7 @@ def delta_rule_reference(q, k, v, beta, g=None, *, scale: float, initial_state=N
   Returns:
     (o [b, t, h, dv] in q's dtype, final_state [b, h, dk, dv] float32).
   """
-  b, t, h, dk = q.shape
-  dv = v.shape[-1]
-  f32 = lambda x: x.astype(jnp.float32)
-  state0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
-            else f32(initial_state))
-  if segment_ids is None:
-    reset = jnp.zeros((b, t), bool)
-  else:
-    reset = jnp.concatenate([jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                            axis=1)
-  gates = jnp.zeros((b, t, h), jnp.float32) if g is None else f32(g)
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (f32(q), f32(k), f32(v), f32(beta), gates, reset))
-
-  def body(state, x):
-    q_t, k_t, v_t, beta_t, g_t, r_t = x
-    state = jnp.where(r_t[:, None, None, None], 0.0, state)
-    o_t, state = delta_step(state, q_t, k_t, v_t, beta_t, g_t, scale=scale)
-    return state, o_t
-
-  final, o = lax.scan(body, state0, xs)
-  return jnp.moveaxis(o, 0, 1).astype(q.dtype), final
+  gates = jnp.zeros(beta.shape, jnp.float32) if g is None else g
+  step = lambda state, q_t, k_t, v_t, beta_t, g_t: delta_step(state, q_t, k_t, v_t, beta_t, g_t,
+                                                              scale=scale)
+  return token_scan(step, q, v.shape[-1], (q, k, v, beta, gates), initial_state, segment_ids)

@@ -7,7 +7,6 @@ differs from the previous token's starts from a zero state; the initial state en
 segment of each row.
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -34,23 +33,37 @@ def linear_attention_reference(q, k, v, gk=None, *, scale: float, initial_state=
   Returns:
     (o [b, t, h, dv] in q's dtype, final_state [b, h, dk, dv] float32).
   """
-  b, t, h, dk = q.shape
-  dv = v.shape[-1]
   f32 = lambda x: x.astype(jnp.float32)
-  state0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
-            else f32(initial_state))
+  gates = jnp.zeros(q.shape[:3] + (1,), jnp.float32) if gk is None else f32(gk)
+  step = lambda state, q_t, k_t, v_t, g_t: recurrent_step(state, q_t, k_t, v_t, g_t, scale=scale)
+  return token_scan(step, q, v.shape[-1], (q, k, v, gates), initial_state, segment_ids)
+
+
+def segment_resets(segment_ids, b: int, t: int):
+  """[b, t] bool: True where a token's segment id differs from the previous token's (never at
+  token 0, where the initial state enters); all False without segment ids."""
   if segment_ids is None:
-    reset = jnp.zeros((b, t), bool)
-  else:
-    reset = jnp.concatenate([jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                            axis=1)
-  gates = jnp.zeros((b, t, h, 1), jnp.float32) if gk is None else f32(gk)
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (f32(q), f32(k), f32(v), gates, reset))
+    return jnp.zeros((b, t), bool)
+  return jnp.concatenate([jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                         axis=1)
+
+
+def token_scan(step, q, dv: int, xs, initial_state=None, segment_ids=None):
+  """Runs a per-token recurrence over the sequence: (o_t, state) = step(state, *xs_t) on float32
+  [b, ...] slices of the [b, t, ...] arrays `xs`, the state [b, h, dk, dv] zeroed where a new
+  segment starts. The shared driver of the token-by-token oracles.
+
+  Returns (o [b, t, h, dv] in q's dtype, final state float32).
+  """
+  b, t, h, dk = q.shape
+  state0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
+            else initial_state.astype(jnp.float32))
+  reset = segment_resets(segment_ids, b, t)
+  xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in xs) + (jnp.moveaxis(reset, 1, 0),)
 
   def body(state, x):
-    q_t, k_t, v_t, g_t, r_t = x
-    state = jnp.where(r_t[:, None, None, None], 0.0, state)
-    o_t, state = recurrent_step(state, q_t, k_t, v_t, g_t, scale=scale)
+    state = jnp.where(x[-1][:, None, None, None], 0.0, state)
+    o_t, state = step(state, *x[:-1])
     return state, o_t
 
   final, o = lax.scan(body, state0, xs)
