@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from layers.kernels import dispatch
 from layers.kernels.delta_chunked import chunked_delta_rule
 from layers.kernels.delta_reference import delta_rule_reference, delta_step
-from layers.linear_attention import check_common, repeat_kv
+from layers.linear_attention import check_common, repeat_kv, step_inputs
 
 FAMILY = "delta_rule"
 
@@ -83,13 +83,8 @@ def delta_rule_step(q, k, v, beta, g=None, *, state, scale: float | None = None)
   Returns:
     (o [b, h, d_v] in q's dtype, new state [b, h, d_k, d_v] float32).
   """
-  b, h, dk = q.shape
-  if state.shape[:3] != (b, h, dk) or v.shape[-1] != state.shape[3]:
-    raise ValueError(f"delta_rule_step: state {state.shape} does not match q{q.shape}, "
-                     f"v{v.shape}")
-  scale = dk ** -0.5 if scale is None else scale
+  state, q32, k4, v4, scale = step_inputs("delta_rule_step", q, k, v, state, scale)
   f32 = lambda x: x.astype(jnp.float32)
-  k4, v4 = repeat_kv(k[:, None], h)[:, 0], repeat_kv(v[:, None], h)[:, 0]
-  o, state = delta_step(f32(state), f32(q), f32(k4), f32(v4), f32(beta),
-                        None if g is None else f32(g), scale=scale)
+  o, state = delta_step(state, q32, k4, v4, f32(beta), None if g is None else f32(g),
+                        scale=scale)
   return o.astype(q.dtype), state

@@ -109,6 +109,18 @@ def linear_attention(q, k, v, g=None, *, scale: float | None = None, initial_sta
   return (o, state) if output_final_state else o
 
 
+def step_inputs(family: str, q, k, v, state, scale):
+  """The checked float32 (state, q, k, v, scale) of one decoding step of a linear recurrence:
+  k, v repeated to q's heads, scale defaulting to d_k**-0.5."""
+  b, h, dk = q.shape
+  if state.shape[:3] != (b, h, dk) or v.shape[-1] != state.shape[3]:
+    raise ValueError(f"{family}: state {state.shape} does not match q{q.shape}, v{v.shape}")
+  scale = dk ** -0.5 if scale is None else scale
+  f32 = lambda x: x.astype(jnp.float32)
+  k4, v4 = repeat_kv(k[:, None], h)[:, 0], repeat_kv(v[:, None], h)[:, 0]
+  return f32(state), f32(q), f32(k4), f32(v4), scale
+
+
 def linear_attention_step(q, k, v, g=None, *, state, scale: float | None = None):
   """One decoding step: the new token's output and the updated state.
 
@@ -121,16 +133,12 @@ def linear_attention_step(q, k, v, g=None, *, state, scale: float | None = None)
     (o [b, h, d_v] in q's dtype, new state [b, h, d_k, d_v] float32).
   """
   b, h, dk = q.shape
-  if state.shape[:3] != (b, h, dk) or v.shape[-1] != state.shape[3]:
-    raise ValueError(f"linear_attention_step: state {state.shape} does not match q{q.shape}, "
-                     f"v{v.shape}")
-  scale = dk ** -0.5 if scale is None else scale
+  state, q32, k4, v4, scale = step_inputs("linear_attention_step", q, k, v, state, scale)
   f32 = lambda x: x.astype(jnp.float32)
-  k4, v4 = repeat_kv(k[:, None], h)[:, 0], repeat_kv(v[:, None], h)[:, 0]
   gk = None
   if g is not None:
     g = f32(g)
     gk = (jnp.broadcast_to(g[None, :, None], (b, h, 1)) if g.ndim == 1
           else g[..., None] if g.ndim == 2 else g)
-  o, state = recurrent_step(f32(state), f32(q), f32(k4), f32(v4), gk, scale=scale)
+  o, state = recurrent_step(state, q32, k4, v4, gk, scale=scale)
   return o.astype(q.dtype), state
