@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from experiments import benchmarking as bm
 from layers.kernels.dispatch import resolve_impl
-from layers.delta_rule import delta_rule
+from layers import delta_rule as delta_lib
+from layers.norms import l2_normalize
 from layers.linear_attention import linear_attention
 from layers.softmax_attention import softmax_attention
 
@@ -61,8 +62,8 @@ def _delta(chunk):
   """The gated delta rule on the benchmark's inputs: L2-normalized keys (a stable recurrence),
   beta 0.5 and the mean of the GLA log-gate over d_k as the per-head gate."""
   def fn(q, k, v, g):
-    k = k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True))
-    return delta_rule(q, k, v, jnp.full(q.shape[:3], 0.5), g.mean(-1), chunk_size=chunk)
+    return delta_lib.delta_rule(q, l2_normalize(k), v, jnp.full(q.shape[:3], 0.5), g.mean(-1),
+                                chunk_size=chunk)
   return fn
 
 
@@ -92,7 +93,7 @@ def _methods(h, d, chunk):
       "lightning": (lin("fixed"), lflops, 3.5, False, linear_impl),
       "gla": (lin("gla"), lflops, 3.5, False, linear_impl),
       "delta_rule": (_delta(chunk), lambda b, t: delta_flops(b, h, t, d, chunk), 3.5, False,
-                     resolve_impl("delta_rule", "auto", has_pallas=False)),
+                     resolve_impl(delta_lib.FAMILY, "auto", has_pallas=delta_lib.HAS_PALLAS)),
   }
 
 

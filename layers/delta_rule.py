@@ -24,6 +24,7 @@ from layers.kernels.delta_reference import delta_rule_reference, delta_step
 from layers.linear_attention import check_common, repeat_kv, step_inputs
 
 FAMILY = "delta_rule"
+HAS_PALLAS = False  # no Pallas kernel for this family yet (see the module docstring)
 
 
 def check_arguments(q, k, v, beta, g, initial_state, segment_ids, chunk_size):
@@ -63,7 +64,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale: float | None = None, initial_sta
   h, dk = q.shape[2], q.shape[3]
   scale = dk ** -0.5 if scale is None else scale
   k, v = repeat_kv(k, h), repeat_kv(v, h)
-  chosen = dispatch.resolve_impl(FAMILY, impl, has_pallas=False)
+  chosen = dispatch.resolve_impl(FAMILY, impl, has_pallas=HAS_PALLAS)
   kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
   if chosen == "reference":
     o, state = delta_rule_reference(q, k, v, beta, g, **kwargs)

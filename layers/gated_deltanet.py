@@ -32,7 +32,7 @@ from layers.delta_rule import delta_rule, delta_rule_step
 from layers.heads import HeadsConfig
 from layers.kernels.dispatch import IMPLS
 from layers.linear_attention import repeat_kv
-from layers.norms import RMSNorm
+from layers.norms import RMSNorm, l2_normalize
 from layers.registry import Mixer, register_mixer
 from layers.spiking import maybe_quantize_weight, spike_input
 
@@ -123,11 +123,6 @@ def causal_conv(x, w, seg=None, cache=None):
       tap = jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), tap, 0.0)
     out = out + tap * w[j].astype(jnp.float32)
   return jax.nn.silu(out).astype(x.dtype), ext[:, ext.shape[1] - (width - 1):]
-
-
-def l2_normalize(x, eps: float = 1e-6):
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 @register_mixer("gated_deltanet")
