@@ -144,16 +144,17 @@ def _shard_body(args, *, combine, layout, scale, impl, chunk_size, with_final):
   return (o, final[None]) if with_final else o
 
 
-def _gate_spec(g, mesh):
-  if g.ndim == 1:
+def token_spec(x, mesh):
+  """The in-spec of a per-token input: [b, t, h, d] and [b, t, h] over the heads spec, a
+  per-head [h] gate replicated along the sequence."""
+  if x.ndim == 1:
     return specs.per_head_spec(mesh)
   heads = specs.heads_spec(mesh)
-  return heads if g.ndim == 4 else P(*heads[:3])
+  return heads if x.ndim == 4 else P(*heads[:3])
 
 
-def check_inputs(q, k, v, g, *, layout, initial_state, segment_ids, chunk_size, mesh, what):
-  """linear_attention's checks plus the mesh and layout ones (ValueErrors naming the settings)."""
-  check_arguments(q, k, v, g, initial_state, segment_ids, chunk_size)
+def check_mesh_and_layout(q, k, *, layout, chunk_size, mesh, what):
+  """The mesh and layout checks of a sequence-parallel op (ValueErrors naming the settings)."""
   specs.check_seq_mesh(mesh, what)
   if layout.shards != specs.seq_degree(mesh):
     raise ValueError(f"{what}: layout.shards={layout.shards} must equal the mesh's seq size "
@@ -162,24 +163,28 @@ def check_inputs(q, k, v, g, *, layout, initial_state, segment_ids, chunk_size, 
   layout.check_length(q.shape[1], multiple=chunk_size, what=f"{what}: sequence length")
 
 
-def sequence_parallel(combine, q, k, v, g, *, layout, scale, initial_state, output_final_state,
-                      segment_ids, impl, chunk_size, mesh, what):
-  """Validates, then runs the shared per-shard body with `combine` supplying S_in and the final
-  state; returns o (layout order) or (o, final_state [b, h, d_k, d_v] float32)."""
-  check_inputs(q, k, v, g, layout=layout, initial_state=initial_state,
-               segment_ids=segment_ids, chunk_size=chunk_size, mesh=mesh, what=what)
+def shard_pieces(body, tensors, *, layout, mesh, initial_state, segment_ids,
+                 output_final_state):
+  """Runs `body(args)` once per shard: batch over the data axes, length over `seq`, heads over
+  `tensor`.
+
+  Args:
+    body: the per-shard function; `args` holds the local blocks of `tensors` (None entries
+      dropped), "h0" (the float32 initial state, if any), "seg" and "flags" (the piece start
+      flags of sharding.layout.chunk_start_flags, if segment ids are given). It returns o, or
+      (o, final [1, b, h, d_k, d_v]) when output_final_state.
+    tensors: name -> per-token array in layout order ([b, t, h, d], [b, t, h] or a [h] gate).
+  Returns:
+    o (layout order) or (o, final_state of the rank holding the last global chunk).
+  """
   heads = specs.heads_spec(mesh)
-  args, in_specs = {"q": q, "k": k, "v": v}, {"q": heads, "k": heads, "v": heads}
-  if g is not None:
-    args["g"], in_specs["g"] = g, _gate_spec(g, mesh)
+  args = {name: x for name, x in tensors.items() if x is not None}
+  in_specs = {name: token_spec(x, mesh) for name, x in args.items()}
   if initial_state is not None:
     args["h0"], in_specs["h0"] = initial_state.astype(F32), specs.state_spec(mesh)
   if segment_ids is not None:
     args["seg"], in_specs["seg"] = segment_ids, specs.tokens_spec(mesh)
     args["flags"], in_specs["flags"] = chunk_start_flags(segment_ids, layout), in_specs["seg"]
-  body = functools.partial(_shard_body, combine=combine, layout=layout,
-                           scale=q.shape[3] ** -0.5 if scale is None else scale, impl=impl,
-                           chunk_size=chunk_size, with_final=output_final_state)
   out_specs = heads
   if output_final_state:
     out_specs = (heads, P(specs.SEQ_AXIS, *specs.state_spec(mesh)))
@@ -192,6 +197,20 @@ def sequence_parallel(combine, q, k, v, g, *, layout, scale, initial_state, outp
     return out
   o, finals = out
   return o, finals[final_owner(layout)[0]]
+
+
+def sequence_parallel(combine, q, k, v, g, *, layout, scale, initial_state, output_final_state,
+                      segment_ids, impl, chunk_size, mesh, what):
+  """Validates, then runs the shared per-shard body with `combine` supplying S_in and the final
+  state; returns o (layout order) or (o, final_state [b, h, d_k, d_v] float32)."""
+  check_arguments(q, k, v, g, initial_state, segment_ids, chunk_size)
+  check_mesh_and_layout(q, k, layout=layout, chunk_size=chunk_size, mesh=mesh, what=what)
+  body = functools.partial(_shard_body, combine=combine, layout=layout,
+                           scale=q.shape[3] ** -0.5 if scale is None else scale, impl=impl,
+                           chunk_size=chunk_size, with_final=output_final_state)
+  return shard_pieces(body, {"q": q, "k": k, "v": v, "g": g}, layout=layout, mesh=mesh,
+                      initial_state=initial_state, segment_ids=segment_ids,
+                      output_final_state=output_final_state)
 
 
 def lasp2_linear_attention(q, k, v, g=None, *, layout, mesh, scale: float | None = None,

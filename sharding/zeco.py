@@ -2,13 +2,16 @@
 
 `all_scan_combine` is the schedule; layers/linear_parallel.py calls it with the summaries it
 computed. Each rank summarizes each of its pieces by its state from zero M and its
-transition D (exp of the piece's cumulative log-gate, per d_k or scalar, 1 without a gate, 0 where
-the state resets in the piece or at its first token). The state entering global chunk c obeys
-  S_in(0) = initial_state (or 0),   S_in(c+1) = D_c * S_in(c) + M_c,
-so the state leaving a chunk, OUT_c = D_c * S_in(c) + M_c, is what the next chunk's rank needs.
-D is diagonal in d_k, so the recurrence splits into K independent row blocks of the [d_k, d_v]
-state (K = `scan_blocks`, clamped to the largest divisor of d_k that is <= scan_blocks, so that
-all blocks have one shape; d_k = 5 gives K = 1, d_k = 128 with scan_blocks = 4 gives K = 4).
+transition D (sharding/states.py): exp of the piece's cumulative log-gate, per d_k or scalar, 1
+without a gate, 0 where the state resets in the piece or at its first token; or the delta rule's
+full [d_k, d_k] matrix. The state entering global chunk c obeys
+  S_in(0) = initial_state (or 0),   S_in(c+1) = D_c S_in(c) + M_c,
+so the state leaving a chunk, OUT_c = D_c S_in(c) + M_c, is what the next chunk's rank needs.
+A diagonal D leaves the rows of the [d_k, d_v] state independent, a matrix D (left-multiplying)
+its columns, so the recurrence splits into K independent blocks of rows (diagonal) or of columns
+(matrix; D stays on its rank, only state blocks travel). K = `scan_blocks`, clamped to the largest
+divisor of the split dimension that is <= scan_blocks, so that all blocks have one shape (d = 5
+gives K = 1, d = 128 with scan_blocks = 4 gives K = 4).
 
 All-Scan schedule. Number the transitions between consecutive global chunks held by different
 ranks m = 0, 1, ... in chunk order. Block k of transition m is sent at time step tau = m + k by one
@@ -38,11 +41,13 @@ from jax import lax
 
 from sharding import specs
 from sharding.layout import final_owner
+from sharding.states import advance, is_matrix
 
 
-def scan_block_count(scan_blocks: int, dk: int) -> int:
-  """The largest divisor of d_k that is <= scan_blocks (equal-shape blocks for ppermute)."""
-  return max(d for d in range(1, min(scan_blocks, dk) + 1) if dk % d == 0)
+def scan_block_count(scan_blocks: int, size: int) -> int:
+  """The largest divisor of the split dimension `size` that is <= scan_blocks (equal-shape
+  blocks for ppermute)."""
+  return max(d for d in range(1, min(scan_blocks, size) + 1) if size % d == 0)
 
 
 def schedule(layout, blocks: int) -> list[list[tuple]]:
@@ -81,17 +86,25 @@ def all_scan_combine(m, decay, h0, rank, *, layout, scan_blocks: int):
   rank's S_in [b, n, h, dk, dv] and its OUT of the piece position that holds the last global
   chunk on its owner (the final state there; `final_owner` says which rank's is meant)."""
   b, n, h, dk, dv = m.shape
-  blocks = scan_block_count(scan_blocks, dk)
-  kb = dk // blocks
+  matrix = is_matrix(decay, m)
+  # Blocks of rows for a diagonal transition, of columns for a matrix one: [b, n, h, K, x, y].
+  blocks = scan_block_count(scan_blocks, dv if matrix else dk)
+  if matrix:
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[:-1] + (blocks, dv // blocks)), -2, -3)
+    merge = lambda x: jnp.moveaxis(x, -3, -2).reshape(x.shape[:-3] + (dk, dv))
+    d_blocks = jnp.broadcast_to(decay[:, :, :, None], (b, n, h, blocks, dk, dk))
+  else:
+    split = lambda x: x.reshape(x.shape[:-2] + (blocks, dk // blocks, dv))
+    merge = lambda x: x.reshape(x.shape[:-3] + (dk, dv))
+    d_blocks = (jnp.broadcast_to(decay[:, :, :, None], (b, n, h, blocks, 1))
+                if decay.shape[-1] == 1 else decay.reshape(b, n, h, blocks, dk // blocks))
 
   def slots(x):
     """[b, n, h, blocks, ...] -> [n * blocks, b, h, ...] (slot = piece * blocks + block)."""
     x = jnp.moveaxis(x, (1, 3), (0, 1))
     return x.reshape((n * blocks,) + x.shape[2:])
 
-  m_slots = slots(m.reshape(b, n, h, blocks, kb, dv))
-  d_slots = slots(jnp.broadcast_to(decay[:, :, :, None], (b, n, h, blocks, 1))
-                  if decay.shape[-1] == 1 else decay.reshape(b, n, h, blocks, kb))[..., None]
+  m_slots, d_slots = slots(split(m)), slots(d_blocks)
   turn = jnp.asarray(_local_turns(layout))[rank]
   take = lambda x, i: lax.dynamic_index_in_dim(x, i, keepdims=False)
 
@@ -101,12 +114,12 @@ def all_scan_combine(m, decay, h0, rank, *, layout, scan_blocks: int):
     if n > 1:
       first = slot % blocks
       x = jnp.where(turn & (slot >= blocks),
-                    take(d_slots, first) * take(inbuf, first) + take(m_slots, first), x)
-    return take(d_slots, slot) * x + take(m_slots, slot)
+                    advance(take(d_slots, first), take(inbuf, first), take(m_slots, first)), x)
+    return advance(take(d_slots, slot), x, take(m_slots, slot))
 
   inbuf = jnp.zeros_like(m_slots)
   if h0 is not None:  # global chunk 0 is rank 0's first piece in every layout
-    h0_blocks = jnp.moveaxis(h0.reshape(b, h, blocks, kb, dv), 2, 0)
+    h0_blocks = jnp.moveaxis(split(h0), 2, 0)
     inbuf = inbuf.at[:blocks].set(jnp.where(rank == 0, h0_blocks, 0.0))
   for step in schedule(layout, blocks):
     received = []
@@ -117,9 +130,9 @@ def all_scan_combine(m, decay, h0, rank, *, layout, scan_blocks: int):
       index = jnp.maximum(slot, 0)
       kept = jnp.where(slot >= 0, value, take(inbuf, index))
       inbuf = lax.dynamic_update_index_in_dim(inbuf, kept, index, 0)
-  s_in = jnp.moveaxis(inbuf.reshape(n, blocks, b, h, kb, dv), (0, 1), (1, 3)).reshape(m.shape)
+  s_in = merge(jnp.moveaxis(inbuf.reshape((n, blocks) + inbuf.shape[1:]), (0, 1), (1, 3)))
   if n > 1:
-    after_first = decay[:, 0, :, :, None] * s_in[:, 0] + m[:, 0]
+    after_first = advance(decay[:, 0], s_in[:, 0], m[:, 0])
     s_in = s_in.at[:, 1].set(jnp.where(turn, after_first, s_in[:, 1]))
   j = final_owner(layout)[1]
-  return s_in, decay[:, j, :, :, None] * s_in[:, j] + m[:, j]
+  return s_in, advance(decay[:, j], s_in[:, j], m[:, j])
