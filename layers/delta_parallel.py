@@ -36,6 +36,7 @@ from layers.delta_rule import check_arguments, delta_rule
 from layers.linear_attention import repeat_kv
 from layers.linear_parallel import check_mesh_and_layout, shard_pieces
 from sharding import lasp2, specs, zeco
+from sharding.layout import call_in_natural_order
 from sharding.plan import ExecutionPlan
 
 F32 = jnp.float32
@@ -140,8 +141,10 @@ def parallel_delta_rule(plan: ExecutionPlan | None, q, k, v, beta, g=None, *, se
   layers' method: LASP-2 or ZeCO)."""
   method = None if plan is None else plan.linear_method
   if method is None:
-    return delta_rule(q, k, v, beta, g, segment_ids=segment_ids, impl=impl,
-                      chunk_size=chunk_size)
+    op = lambda q, k, v, beta, g, seg: delta_rule(q, k, v, beta, g, segment_ids=seg, impl=impl,
+                                                  chunk_size=chunk_size)
+    return call_in_natural_order(None if plan is None else plan.layout, op, q, k, v, beta, g,
+                                 segment_ids, what="delta rule")
   log.info("delta rule: sequence-parallel %s over %d ranks, %s layout", method,
            plan.layout.shards, plan.layout.kind)
   kwargs = dict(layout=plan.layout, mesh=plan.mesh, segment_ids=segment_ids, impl=impl,

@@ -16,8 +16,12 @@ earlier document's tokens are masked), and the delta rule resets its state there
 conv_size - 1 inputs, so a decoded token costs O(1); a call may bring a chunk of a prompt, which
 continues from the cache. While decoding, segment id 0 marks padding (the left padding of a
 ragged batch): a padding token enters the convolution as zeros and leaves the state unchanged
-(beta = 0, g = 0). This mixer has no sequence-parallel schedule yet: a model that turns on
-sequence parallelism with it is refused, naming the setting.
+(beta = 0, g = 0).
+
+Sequence parallelism: with a plan that splits the sequence, the tokens arrive in the plan's layout
+order; each layout chunk's convolution continues from the end of the chunk before it in natural
+order (`layout_causal_conv`), and the delta rule runs by the plan's linear-layer method
+(layers/delta_parallel.py: LASP-2 or ZeCO).
 """
 
 import dataclasses
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from layers import params as P
+from layers.delta_parallel import parallel_delta_rule
 from layers.delta_rule import delta_rule, delta_rule_step
 from layers.heads import HeadsConfig
 from layers.kernels.dispatch import IMPLS
@@ -35,6 +40,7 @@ from layers.linear_attention import repeat_kv
 from layers.norms import RMSNorm, l2_normalize
 from layers.registry import Mixer, register_mixer
 from layers.spiking import maybe_quantize_weight, spike_input
+from sharding.layout import previous_tail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +103,17 @@ def _dt_bias_init(key, shape, dtype=jnp.float32):
   return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # softplus(dt_bias) = dt
 
 
-def causal_conv(x, w, seg=None, cache=None):
+def causal_conv(x, w, seg=None, cache=None, cache_seg=None):
   """Depthwise causal convolution over time, then SiLU.
 
   Args:
     x: [b, t, c...] inputs; w: [width, c...] taps (w[0] reads the current token, w[j] the token
       j steps back).
     seg: [b, t] segment ids or None; a tap reading a token of another segment reads zero.
-    cache: [b, width - 1, c...] the inputs before x (decoding), or None (zeros).
+    cache: [b, width - 1, c...] the inputs before x (decoding, or the previous chunk of a split
+      sequence), or None (zeros).
+    cache_seg: [b, width - 1] the cache's segment ids; None: the cache belongs to the first
+      token's document (decoding).
   Returns:
     (SiLU(conv) [b, t, c...] in x's dtype, the last width - 1 inputs [b, width - 1, c...]).
   """
@@ -113,8 +122,10 @@ def causal_conv(x, w, seg=None, cache=None):
     cache = jnp.zeros((x.shape[0], width - 1) + x.shape[2:], x.dtype)
   ext = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
   seg_ext = None
-  if seg is not None:  # the cache belongs to the first token's document
-    seg_ext = jnp.concatenate([jnp.repeat(seg[:, :1], width - 1, axis=1), seg], axis=1)
+  if seg is not None:
+    if cache_seg is None:
+      cache_seg = jnp.repeat(seg[:, :1], width - 1, axis=1)
+    seg_ext = jnp.concatenate([cache_seg.astype(seg.dtype), seg], axis=1)
   out = jnp.zeros(x.shape, jnp.float32)
   for j in range(width):
     tap = jax.lax.slice_in_dim(ext, width - 1 - j, width - 1 - j + t, axis=1).astype(jnp.float32)
@@ -123,6 +134,18 @@ def causal_conv(x, w, seg=None, cache=None):
       tap = jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), tap, 0.0)
     out = out + tap * w[j].astype(jnp.float32)
   return jax.nn.silu(out).astype(x.dtype), ext[:, ext.shape[1] - (width - 1):]
+
+
+def layout_causal_conv(x, w, seg, layout):
+  """`causal_conv` of a GLOBAL sequence in `layout` order (sharding/layout.py): each chunk
+  continues from the last width - 1 inputs of the chunk before it in natural order."""
+  b, t = x.shape[:2]
+  n, size = layout.num_chunks, w.shape[0] - 1
+  chunks = lambda y: y.reshape((b * n, t // n) + y.shape[2:])
+  tails = lambda y: previous_tail(y, layout, size).reshape((b * n, size) + y.shape[2:])
+  out, _ = causal_conv(chunks(x), w, None if seg is None else chunks(seg), tails(x),
+                       None if seg is None else tails(seg))
+  return out.reshape(x.shape)
 
 
 @register_mixer("gated_deltanet")
@@ -136,10 +159,7 @@ class GatedDeltaNet(Mixer):
   def __call__(self, x_bte, *, positions_bt, segment_ids_bt=None, decode: bool = False):
     del positions_bt  # position-free, like the other linear mixers
     cfg, e = self.config, self.d_model
-    if not decode and self.plan is not None and self.plan.layout is not None:
-      raise ValueError("gated_deltanet has no sequence-parallel schedule yet: set "
-                       "SequenceParallelConfig.method='none' (or MeshConfig.seq=1) for a model "
-                       "with gated_deltanet layers")
+    layout = None if decode or self.plan is None else self.plan.layout
     h, kh = cfg.num_heads, cfg.key_heads
     dk, dv = cfg.resolved_head_dim(e), cfg.resolved_value_dim(e)
     x = spike_input(self, x_bte.astype(self.dtype), "mixer_in", self.spiking)
@@ -168,9 +188,12 @@ class GatedDeltaNet(Mixer):
         if decode:
           var = self.variable("cache", f"conv_{name}", jnp.zeros,
                               (y.shape[0], cfg.conv_size - 1) + y.shape[2:], self.dtype)
-        out, tail = causal_conv(y, taps, conv_seg, var.value if carry else None)
-        if carry:
-          var.value = tail
+        if layout is not None:  # a sequence in layout order, split over the seq axis
+          out = layout_causal_conv(y, taps, conv_seg, layout)
+        else:
+          out, tail = causal_conv(y, taps, conv_seg, var.value if carry else None)
+          if carry:
+            var.value = tail
         convs.append(out)
       q, k, v = convs
     else:
@@ -202,10 +225,11 @@ class GatedDeltaNet(Mixer):
 
   def _mix(self, q, k, v, beta, g, segment_ids_bt, decode):
     cfg = self.config
+    if not decode:
+      return parallel_delta_rule(self.plan, q, k, v, beta, g, segment_ids=segment_ids_bt,
+                                 impl=cfg.impl, chunk_size=cfg.chunk_size)
     run = lambda **kw: delta_rule(q, k, v, beta, g, impl=cfg.impl, chunk_size=cfg.chunk_size,
                                   **kw)
-    if not decode:
-      return run(segment_ids=segment_ids_bt)
     b, t, h, dk = q.shape
     initialized = self.has_variable("cache", "state")
     state = self.variable("cache", "state", jnp.zeros, (b, h, dk, v.shape[-1]), jnp.float32)

@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from layers.linear_attention import check_arguments, kernel_log_gate, linear_attention, repeat_kv
 from sharding import lasp2, specs, zeco
-from sharding.layout import chunk_start_flags, final_owner
+from sharding.layout import call_in_natural_order, chunk_start_flags, final_owner
 from sharding.plan import ExecutionPlan
 
 F32 = jnp.float32
@@ -259,8 +259,10 @@ def parallel_linear_attention(plan: ExecutionPlan | None, q, k, v, g=None, *, se
   """(Gated) linear attention of a layer, sequence-parallel when the plan says so."""
   method = None if plan is None else plan.linear_method
   if method is None:
-    return linear_attention(q, k, v, g, segment_ids=segment_ids, impl=impl,
-                            chunk_size=chunk_size)
+    op = lambda q, k, v, g, seg: linear_attention(q, k, v, g, segment_ids=seg, impl=impl,
+                                                  chunk_size=chunk_size)
+    return call_in_natural_order(None if plan is None else plan.layout, op, q, k, v, g,
+                                 segment_ids, what="linear attention")
   log.info("linear attention: sequence-parallel %s over %d ranks, %s layout", method,
            plan.layout.shards, plan.layout.kind)
   kwargs = dict(layout=plan.layout, mesh=plan.mesh, segment_ids=segment_ids, impl=impl,

@@ -51,7 +51,7 @@ from layers.kernels import flash_pallas as fp
 from layers.sink_tokens import check_sink_tokens, merge_sink_tokens, sink_token_attention
 from layers.softmax_attention import softmax_attention, validate_arguments
 from sharding import lasp2, ring, specs
-from sharding.layout import SeqLayout
+from sharding.layout import SeqLayout, call_in_natural_order
 from sharding.plan import ExecutionPlan
 
 log = logging.getLogger("lctx.sharding")
@@ -350,11 +350,14 @@ def parallel_softmax_attention(plan: ExecutionPlan | None, q, k, v, *, window=No
   """
   method = None if plan is None else plan.softmax_method
   if method is None:
-    if sink_tokens is not None:
-      return sink_token_attention(q, k, v, *sink_tokens, window=window, segment_ids=segment_ids,
-                                  sinks=sinks, impl=impl, block_size=block_size)
-    return softmax_attention(q, k, v, window=window, segment_ids=segment_ids, sinks=sinks,
-                             impl=impl, block_size=block_size)
+    def op(q, k, v, seg):
+      if sink_tokens is not None:
+        return sink_token_attention(q, k, v, *sink_tokens, window=window, segment_ids=seg,
+                                    sinks=sinks, impl=impl, block_size=block_size)
+      return softmax_attention(q, k, v, window=window, segment_ids=seg, sinks=sinks, impl=impl,
+                               block_size=block_size)
+    return call_in_natural_order(None if plan is None else plan.layout, op, q, k, v, segment_ids,
+                                 what="softmax attention")
   chosen = dispatch.resolve_impl("softmax_attention", impl)
   step = chosen
   if chosen == "reference":

@@ -13,6 +13,7 @@ recurrences, MLPs) sees the same balanced layout.
 """
 
 import dataclasses
+import logging
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from sharding.validation import check_fields
 
 LAYOUTS = ("contiguous", "zigzag")
+log = logging.getLogger("lctx.sharding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,14 +111,54 @@ def chunk_start_flags(segment_ids, layout: SeqLayout):
   """
   b, t = segment_ids.shape
   n = layout.num_chunks
+  firsts = segment_ids.reshape(b, n, t // n)[:, :, 0]
+  previous_last = previous_tail(segment_ids, layout, 1)[:, :, 0]
+  return (firsts != previous_last) & jnp.asarray(layout.chunk_table().reshape(-1) > 0)[None]
+
+
+def previous_tail(x, layout: SeqLayout, size: int):
+  """[b, num_chunks, size, ...]: for each chunk of `x` [b, t, ...] (GLOBAL, in layout order), the
+  last `size` entries of the chunk before it in natural order; zeros for global chunk 0.
+
+  The halo of a short causal convolution over a permuted (or split) sequence: the convolution
+  of chunk c continues from the end of chunk c - 1, which may live on another rank. Computed on
+  the global array (XLA moves the few tokens it needs).
+  """
+  b, t = x.shape[:2]
+  n = layout.num_chunks
+  c = t // n
+  if size > c:
+    raise ValueError(f"a causal convolution reaching {size} tokens back needs layout chunks of "
+                     f"at least {size} tokens; sequence length {t} over {n} chunks gives {c} "
+                     f"(SequenceParallelConfig.layout={layout.kind!r}, MeshConfig.seq="
+                     f"{layout.shards})")
   order = layout.chunk_table().reshape(-1)      # layout position -> global chunk id
   position = np.argsort(order)                  # global chunk id -> layout position
-  pieces = segment_ids.reshape(b, n, t // n)
-  previous_last = pieces[:, position[np.maximum(order - 1, 0)], -1]
-  return (pieces[:, :, 0] != previous_last) & jnp.asarray(order > 0)[None]
+  tails = x.reshape((b, n, c) + x.shape[2:])[:, :, c - size:]
+  tails = jnp.take(tails, position[np.maximum(order - 1, 0)], axis=1)
+  first = jnp.asarray(order > 0).reshape((1, n) + (1,) * (tails.ndim - 2))
+  return jnp.where(first, tails, jnp.zeros_like(tails))
 
 
 def final_owner(layout: SeqLayout) -> tuple[int, int]:
   """(rank, local piece) holding the last global chunk, where a recurrence's final state forms."""
   rank, piece = np.argwhere(layout.chunk_table() == layout.num_chunks - 1)[0]
   return int(rank), int(piece)
+
+
+def call_in_natural_order(layout: SeqLayout | None, fn, *arrays, what: str):
+  """fn(*arrays) on natural-order copies of per-token arrays (length at axis 1), its
+  output returned in layout order. None and arrays of fewer than 2 dims (a per-head gate) pass as
+  they are.
+
+  How a layer WITHOUT a sequence-parallel method runs on a model whose layout permutes the tokens
+  (zigzag with only the other layer type's method set): the single-device op is correct only in
+  natural order, and XLA partitions it, gathering what it needs. Contiguous layouts (and no
+  layout) are natural order already: fn runs on the arrays as they are.
+  """
+  if layout is None or layout.kind == "contiguous":
+    return fn(*arrays)
+  log.info("%s: no sequence-parallel method for this layer type; the single-device op runs in "
+           "natural order on the %s layout's tokens", what, layout.kind)
+  out = fn(*(x if x is None or x.ndim < 2 else layout.from_layout(x, 1) for x in arrays))
+  return layout.to_layout(out, 1)
