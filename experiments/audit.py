@@ -1,11 +1,13 @@
 """Audit of the sequence-parallel methods: collective bytes, per-device memory and step time.
 
   python -m experiments.audit [--batch 1 --heads 4 --kv_heads 4 --head_dim 64 --seq_len 16384
-                            --shards 8 --methods ring,lasp2h,lasp2,zeco --out runs/audit]
+                            --shards 8 --methods ring,lasp2h,lasp2,zeco,lasp2_delta,zeco_delta
+                            --out runs/audit]
 
 For one layer's attention op of each method (ring and LASP-2H for softmax layers, LASP-2 and ZeCO
-for GLA-gated linear layers), at global length T over P fake CPU devices, it compiles
-  forward       o = op(q, k, v[, g])
+for GLA-gated linear layers and for the Gated DeltaNet delta rule), at global length T over P fake
+CPU devices, it compiles
+  forward       o = op(q, k, v[, beta][, g])
   forward+bwd   the gradients of <o, cotangent> with respect to every input
 and reads from the optimized HLO the bytes every rank sends (experiments/hlo_collectives.py); the
 backward's bytes are (forward+bwd) - (forward). Next to them, the formulas (x element size):
@@ -19,6 +21,11 @@ backward's bytes are (forward+bwd) - (forward). Next to them, the formulas (x el
                                                  GLA gate's per-chunk decays, d_k per head)
            backward the same                    (their gradients, reduce-scattered)
   zeco     forward B H d_k d_v, one state per rank (the All-Scan); backward the same
+  lasp2_delta  forward (P-1) B H d_k (d_v + d_k)  (all-gather of every piece's memory state and
+                                                 its full [d_k, d_k] transition)
+               backward the same
+  zeco_delta   forward B H d_k d_v, one state per rank (the transition stays local); backward
+               the same
 (The decays add a 1/d_v share to LASP-2's (P-1) B H d_k d_v.) The goal is measured within 5% of
 the formula.
 
@@ -46,17 +53,23 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from experiments.benchmarking import print_table, time_ms, write_csv  # noqa: E402
+from layers.delta_parallel import lasp2_delta_rule, zeco_delta_rule  # noqa: E402
+from layers.delta_rule import delta_rule  # noqa: E402
 from layers.linear_attention import linear_attention  # noqa: E402
 from layers.softmax_attention import softmax_attention  # noqa: E402
 from experiments import hlo_collectives
 from sharding import specs  # noqa: E402
-from layers.linear_parallel import lasp2_linear_attention, zeco_linear_attention  # noqa: E402
+from layers.linear_parallel import (lasp2_linear_attention, token_spec,  # noqa: E402
+                                    zeco_linear_attention)
 from layers.softmax_parallel import allgather_attention, ring_attention  # noqa: E402
 from sharding.layout import SeqLayout  # noqa: E402
 
-METHODS = ("ring", "lasp2h", "lasp2", "zeco")
+METHODS = ("ring", "lasp2h", "lasp2", "zeco", "lasp2_delta", "zeco_delta")
 SOFTMAX = {"ring": ring_attention, "lasp2h": allgather_attention}
 LINEAR = {"lasp2": lasp2_linear_attention, "zeco": zeco_linear_attention}
+DELTA = {"lasp2_delta": lasp2_delta_rule, "zeco_delta": zeco_delta_rule}
+PARALLEL = {**SOFTMAX, **LINEAR, **DELTA}
+SINGLE = {"linear": linear_attention, "delta": delta_rule}
 TOLERANCE = 0.05
 MEMORY_GOAL = 1 / 6
 # Methods that hold every rank's K, V by design, so the per-device memory goal does not apply.
@@ -75,16 +88,27 @@ def formula_bytes(method: str, a, shards: int, elem: int) -> dict[str, float]:
     return {"forward": 2 * (p - 1) / p * kv, "backward": 2 * (p - 1) / p * kv}
   if method == "lasp2":
     return {"forward": (p - 1) * (state + decays), "backward": (p - 1) * (state + decays)}
+  if method == "lasp2_delta":  # the transition is a [d_k, d_k] matrix (head_dim both ways here)
+    return {"forward": (p - 1) * 2 * state, "backward": (p - 1) * 2 * state}
   return {"forward": state, "backward": state}
 
 
-def _inputs(a, linear: bool, rng):
+def family(method: str) -> str:
+  return "softmax" if method in SOFTMAX else "linear" if method in LINEAR else "delta"
+
+
+def _inputs(a, kind: str, rng):
   b, t, h, hk, d = a.batch, a.seq_len, a.heads, a.kv_heads, a.head_dim
   q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((b, t, hk, d)), jnp.float32)
   v = jnp.asarray(rng.standard_normal((b, t, hk, d)), jnp.float32)
-  if not linear:
+  if kind == "softmax":
     return (q, k, v)
+  if kind == "delta":  # L2-normalized q, k, sigmoid write strengths, per-head log-gates
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((b, t, h)))), jnp.float32)
+    g = jnp.asarray(-0.1 * rng.uniform(size=(b, t, h)), jnp.float32)
+    return (unit(q), unit(k), v, beta, g)
   g = jnp.asarray(-np.log1p(np.exp(-rng.standard_normal((b, t, h, d)) - 3.0)) / 16, jnp.float32)
   return (q * d ** -0.5, k * d ** -0.5, v, g)
 
@@ -120,20 +144,17 @@ def audit_method(method: str, a, devices) -> tuple[list[dict], dict]:
   p = len(devices)
   mesh = jax.make_mesh((p,), (specs.SEQ_AXIS,), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
-  linear = method in LINEAR
+  kind, fn = family(method), PARALLEL[method]
   layout = SeqLayout("contiguous", p)
-  if linear:
-    fn = LINEAR[method]
-    extra = {"scan_blocks": a.scan_blocks} if method == "zeco" else {}
-    op = lambda q, k, v, g: fn(q, k, v, g, layout=layout, chunk_size=a.chunk_size, mesh=mesh,
-                               **extra)
-  else:
-    fn = SOFTMAX[method]
+  if kind == "softmax":
     op = lambda q, k, v: fn(q, k, v, layout=layout, mesh=mesh)
-  inputs = _inputs(a, linear, np.random.default_rng(0))
-  sharding = NamedSharding(mesh, specs.heads_spec(mesh))
+  else:
+    extra = {"scan_blocks": a.scan_blocks} if method.startswith("zeco") else {}
+    op = lambda *x: fn(*x, layout=layout, chunk_size=a.chunk_size, mesh=mesh, **extra)
+  inputs = _inputs(a, kind, np.random.default_rng(0))
+  shardings = [NamedSharding(mesh, token_spec(x, mesh)) for x in inputs]
   with jax.set_mesh(mesh):
-    fwd, both, (placed, ct) = _programs(op, inputs, [sharding] * len(inputs))
+    fwd, both, (placed, ct) = _programs(op, inputs, shardings)
     step_ms = time_ms(lambda *x: both(*x), placed, ct, repeats=a.repeats)
   sent = {}
   for name, prog in (("forward", fwd), ("forward+backward", both)):
@@ -158,13 +179,13 @@ def audit_method(method: str, a, devices) -> tuple[list[dict], dict]:
   return rows, memory
 
 
-def unsharded(a, linear: bool, device) -> dict:
-  """Peak memory and step time of the single-device op at the same global length."""
-  if linear:
-    op = lambda q, k, v, g: linear_attention(q, k, v, g, chunk_size=a.chunk_size)
+def unsharded(a, kind: str, device) -> dict:
+  """Peak memory and step time of the single-device op of `kind` at the same global length."""
+  if kind == "softmax":
+    op = softmax_attention
   else:
-    op = lambda q, k, v: softmax_attention(q, k, v)
-  inputs = _inputs(a, linear, np.random.default_rng(0))
+    op = lambda *x: SINGLE[kind](*x, chunk_size=a.chunk_size)
+  inputs = _inputs(a, kind, np.random.default_rng(0))
   single = jax.sharding.SingleDeviceSharding(device)
   _, both, (placed, ct) = _programs(op, inputs, [single] * len(inputs))
   return {"peak_MiB_per_device": _peak_bytes(both) / 2**20,
@@ -205,10 +226,10 @@ def main(argv=None) -> dict:
   comm, memory, baselines = [], [], {}
   for method in a.methods:
     rows, mem = audit_method(method, a, devices)
-    family = "linear" if method in LINEAR else "softmax"
-    if family not in baselines:
-      baselines[family] = unsharded(a, family == "linear", devices[0])
-    base = baselines[family]
+    kind = family(method)
+    if kind not in baselines:
+      baselines[kind] = unsharded(a, kind, devices[0])
+    base = baselines[kind]
     mem.update(unsharded_MiB=base["peak_MiB_per_device"], unsharded_step_ms=base["step_ms"])
     mem["memory_fraction"] = mem["peak_MiB_per_device"] / mem["unsharded_MiB"]
     mem["goal_1_6"] = ("n/a" if method in NO_MEMORY_GOAL

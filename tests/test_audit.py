@@ -68,16 +68,20 @@ def test_audit_tiny(tmp_path):
   with open(os.path.join(out, "audit_comm.csv")) as f:
     comm = list(csv.DictReader(f))
   assert {(r["method"], r["direction"]) for r in comm} == {
-      (m, d) for m in ("ring", "lasp2h", "lasp2", "zeco") for d in ("forward", "backward")}
+      (m, d) for m in ("ring", "lasp2h", "lasp2", "zeco", "lasp2_delta", "zeco_delta")
+      for d in ("forward", "backward")}
   for r in comm:
     assert r["goal_5pct"] == "PASS", r
   state_mib = 2 * 16 * 16 * 4 / 2**20
   for r in comm:
-    if r["method"] == "zeco":  # one state per rank per direction; one rank per direction sends 0
+    if r["method"].startswith("zeco"):  # one state per rank and direction; one rank sends 0
       assert np.isclose(float(r["measured_MiB_per_rank"]), state_mib), r
       assert float(r["min_rank_MiB"]) == 0.0, r
+    if r["method"] == "lasp2_delta":  # P - 1 = 3 received [M | A] pairs of two states each
+      assert np.isclose(float(r["measured_MiB_per_rank"]), 3 * 2 * state_mib), r
   with open(os.path.join(out, "audit_memory.csv")) as f:
     memory = list(csv.DictReader(f))
-  assert [r["method"] for r in memory] == ["ring", "lasp2h", "lasp2", "zeco"]
+  assert [r["method"] for r in memory] == ["ring", "lasp2h", "lasp2", "zeco", "lasp2_delta",
+                                           "zeco_delta"]
   for r in memory:
     assert 0 < float(r["memory_fraction"]) < 1 and float(r["step_ms"]) > 0, r
