@@ -174,8 +174,8 @@ def test_segments_equal_separate_documents(impl, documents):
 def test_pallas_matches_reference(monkeypatch, gate, strength, t, dk, dv, chunk, target):
   # target "gpu": the Triton conventions (each program loops over its chunks; head dims padded to
   # powers of two) run in the interpreter; None: the chunk walked by the grid, as on TPU.
-  from layers.kernels import gla_pallas as gp
-  monkeypatch.setattr(gp, "_target", lambda interpret: target)
+  from layers.kernels import chunk_walk
+  monkeypatch.setattr(chunk_walk, "target_of", lambda interpret: target)
   inputs = _inputs(3, b=1, t=t, dk=dk, dv=dv, gate=gate, strength=strength)
   _check(_pallas(chunk, True), inputs, _segments(t)[:1])
 
@@ -263,8 +263,8 @@ def test_gla_kernels_export_for_cuda_and_tpu_at_32k(monkeypatch, tpu_chip, targe
   # state: the three kernels lower (Triton on GPU, Mosaic on TPU), which is what lets
   # dispatch.CANNOT_LOWER stay empty and `auto` pick them on both.
   import re
-  from layers.kernels import gla_pallas as gp
-  monkeypatch.setattr(gp, "_target", lambda interpret: target)
+  from layers.kernels import chunk_walk
+  monkeypatch.setattr(chunk_walk, "target_of", lambda interpret: target)
   platform, call = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}[target]
   for gate in (None, "scalar", "vector"):
     for extras in (False, True):

@@ -15,129 +15,25 @@ Matmul inputs stay in the inputs' dtype (bf16 on devices) with float32 accumulat
 states and every exponent are float32. Kernels keep the state transposed ([dv, dk]), so a
 per-key-dim decay scales columns and no value is ever transposed.
 
-How a chunk is walked on each target (`km.Static.target`):
-  gpu (Triton backend): grid (batch, head); each program's blocks hold the whole sequence as
-    [N, C, d] refs in global memory and a `fori_loop` reads one chunk at a time;
-  tpu (Mosaic) and the interpreters: grid (batch, head, chunk) with the chunk axis "arbitrary"
-    (sequential), one chunk per block, and the state in a VMEM scratch buffer that persists
-    across the chunk axis.
-The chunk body is the same code for both: `gla_kernel_math` (its sub-blocks and the ops it keeps
-to so that Triton and Mosaic lower it). This module holds the pallas_call plumbing of the two
-walks, the custom_vjp and the public entry.
+How a chunk is walked on each target (a Triton loop on GPU, a sequential grid axis on TPU and
+in the interpreters) is `chunk_walk`'s, shared with the delta rule's kernels. The chunk body is
+`gla_kernel_math` (its sub-blocks and the ops it keeps to so that Triton and Mosaic lower it).
+This module holds the custom_vjp and the public entry.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
+from layers.kernels import chunk_walk as cw
 from layers.kernels import dispatch
 from layers.kernels import gla_kernel_math as km
 from layers.kernels import linear_chunk_math as cm
 from layers.kernels import linear_chunked as lc
 
 F32 = jnp.float32
-_SQ = pl.squeezed
-
-
-def _target(interpret) -> str | None:
-  if interpret is not False:
-    return None
-  backend = jax.default_backend()
-  return backend if backend in ("gpu", "tpu") else None
-
-
-# ------------------------------------------------------------------------------------------------
-# pallas_call plumbing: the two ways to walk the chunks.
-
-
-def _compiler_params(st: km.Static, head_dim: int):
-  if st.target == "gpu":
-    return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-  if st.target == "tpu" or isinstance(st.interpret, pltpu.InterpretParams):
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-  return None
-
-
-def _call(st: km.Static, name, body, inputs: dict, outputs: dict, carry_in, carry_out, n,
-          reverse: bool):
-  """Runs `body(chunk, carry) -> carry` over the n chunks of every (batch, head).
-
-  inputs / outputs: name -> (array or ShapeDtypeStruct, kind) with kind "chunk" ([B, H, N, C, d]
-    arrays), "seg" ([B, N, C, d], shared by the heads) or "state" ([B, H, dv, dk], read once (in)
-    or written after the last chunk (out)). carry_in names the initial-carry input; carry_out the
-    output that receives the final carry. Outputs whose kind is "states" ([B, H, N, dv, dk]) get
-    the carry entering each chunk.
-  """
-  names_in, names_out = list(inputs), list(outputs)
-  b, h = inputs["k"][0].shape[:2]
-  dv, dk = inputs[carry_in][0].shape[-2:]
-
-  if st.loop:
-    grid = (b, h)
-    def spec(kind, shape):
-      full = tuple(shape[2:]) if kind in ("chunk", "states", "state") else tuple(shape[1:])
-      if kind == "seg":
-        return pl.BlockSpec((_SQ,) + full, lambda i, j: (i,) + (0,) * len(full))
-      return pl.BlockSpec((_SQ, _SQ) + full, lambda i, j: (i, j) + (0,) * len(full))
-  else:
-    grid = (b, h, n)
-    chunk_of = (lambda c: n - 1 - c) if reverse else (lambda c: c)
-    def spec(kind, shape):
-      tail = tuple(shape[-2:])
-      if kind == "seg":
-        return pl.BlockSpec((_SQ, _SQ) + tail, lambda i, j, c: (i, chunk_of(c), 0, 0))
-      if kind == "state":
-        return pl.BlockSpec((_SQ, _SQ) + tail, lambda i, j, c: (i, j, 0, 0))
-      return pl.BlockSpec((_SQ, _SQ, _SQ) + tail, lambda i, j, c: (i, j, chunk_of(c), 0, 0))
-
-  in_specs = [spec(inputs[k][1], inputs[k][0].shape) for k in names_in]
-  out_specs = [spec(outputs[k][1], outputs[k][0].shape) for k in names_out]
-  out_shape = [jax.ShapeDtypeStruct(outputs[k][0].shape, outputs[k][0].dtype) for k in names_out]
-  scratch = [] if st.loop else [pltpu.VMEM((dv, dk), F32)]
-
-  def kernel(*refs):
-    refs_in = dict(zip(names_in, refs[:len(names_in)]))
-    refs_out = dict(zip(names_out, refs[len(names_in):len(names_in) + len(names_out)]))
-    everything = {**refs_in, **refs_out}
-    states_out = [k for k in names_out if outputs[k][1] == "states"]
-
-    def step(index, carry):
-      for k in states_out:
-        if index is None:
-          refs_out[k][...] = carry
-        else:
-          refs_out[k][index] = carry
-      return body(km.Chunk(st, everything, index), carry)
-
-    if st.loop:
-      init = refs_in[carry_in][...].astype(F32)
-      order = (lambda i: n - 1 - i) if reverse else (lambda i: i)
-      final = lax.fori_loop(0, n, lambda i, c: step(order(i), c), init)
-      refs_out[carry_out][...] = final.astype(refs_out[carry_out].dtype)
-    else:
-      acc = refs[-1]
-      c = pl.program_id(2)
-
-      @pl.when(c == 0)
-      def _():
-        acc[...] = refs_in[carry_in][...].astype(F32)
-
-      acc[...] = step(None, acc[...])
-
-      @pl.when(c == n - 1)
-      def _():
-        refs_out[carry_out][...] = acc[...].astype(refs_out[carry_out].dtype)
-
-  call = pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, scratch_shapes=scratch, interpret=st.interpret,
-                        compiler_params=_compiler_params(st, dk), name=name)
-  outs = call(*(inputs[k][0] for k in names_in))
-  return dict(zip(names_out, outs))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +62,7 @@ def _forward(st, q, k, v, b, h0t, seg, *, with_output: bool):
   else:
     outs["s_in"] = (jax.ShapeDtypeStruct((bsz, h, n, dv, dk), F32), "states")
   body = lambda x, s: km.fwd_chunk(x, s, with_output)
-  return _call(st, "gla_fwd" if with_output else "gla_states", body, ins, outs, "h0", "final",
+  return cw.walk(st, "gla_fwd" if with_output else "gla_states", body, ins, outs, "h0", "final",
                n, reverse=False)
 
 
@@ -201,7 +97,7 @@ def _core_bwd(st, res, cts):
   def body(x, ds):
     return km.bwd_chunk(x, x.whole("s_in"), ds)
 
-  g = _call(st, "gla_bwd", body, ins, outs, "d_final", "dh0", n, reverse=True)
+  g = cw.walk(st, "gla_bwd", body, ins, outs, "d_final", "dh0", n, reverse=True)
   db = g.get("db")
   return g["dq"], g["dk"], g["dv"], db, g["dh0"].astype(h0t.dtype), None
 
@@ -249,7 +145,7 @@ def gla_pallas(q, k, v, gk=None, *, scale: float, initial_state=None, segment_id
   scale = lc.check_inputs("gla_pallas", q, k, v, gk, initial_state, segment_ids, chunk_size,
                           scale)
   return _gla(q, k, v, gk, initial_state, segment_ids, scale=scale, chunk=chunk_size,
-              interpret=interpret, target=_target(interpret))
+              interpret=interpret, target=cw.target_of(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "interpret", "target"))
@@ -275,7 +171,7 @@ def _gla(q, k, v, gk, initial_state, segment_ids, *, scale, chunk, interpret, ta
   seg = None
   if segment_ids is not None:
     seg = lc.segment_runs(segment_ids, n, chunk).transpose(1, 0, 2)  # [B, N, C]
-  st = km.Static(scale, chunk, sub, gate, seg is not None, target, interpret, q.dtype)
+  st = cw.Static(scale, chunk, sub, gate, seg is not None, target, interpret, q.dtype)
   o, final = _core(st, qc, kc, vc, cum, h0t, seg)
   o = o.transpose(0, 2, 3, 1, 4).reshape(b, n * chunk, h, dvp)[:, :t, :, :dv]
   final = jnp.swapaxes(final, -1, -2)[:, :, :dk, :dv]
