@@ -93,7 +93,7 @@ def _methods(h, d, chunk):
       "lightning": (lin("fixed"), lflops, 3.5, False, linear_impl),
       "gla": (lin("gla"), lflops, 3.5, False, linear_impl),
       "delta_rule": (_delta(chunk), lambda b, t: delta_flops(b, h, t, d, chunk), 3.5, False,
-                     resolve_impl(delta_lib.FAMILY, "auto", has_pallas=delta_lib.HAS_PALLAS)),
+                     resolve_impl(delta_lib.FAMILY, "auto")),
   }
 
 

@@ -7,11 +7,14 @@ DeltaNet (Qwen3-Next). The call shape is `linear_attention`'s (and fla's): layou
 `scale` defaulting to d_k**-0.5; `initial_state` [b, h, d_k, d_v] float32 (gradients flow into
 it); `output_final_state`; `segment_ids` [b, t] resetting the state where a new document starts;
 GQA (k and v any divisor of q's heads, repeated to them; beta and g are per query head); `impl`
-in {"reference", "xla", "auto"} and `chunk_size`. The mixer normalizes q and k (L2); the op takes
-them as they are.
+in {"reference", "xla", "pallas", "auto"} and `chunk_size`. The mixer normalizes q and k (L2); the
+op takes them as they are.
 
-There is no Pallas kernel for this family yet: `auto` runs the chunked xla path on every backend
-and logs so; impl="pallas" is an error. KDA's per-channel gate ([b, t, h, d_k]) is refused.
+Implementations: "reference" is the token-by-token oracle (layers/kernels/delta_reference.py),
+"xla" the chunked WY form in pure JAX with autodiff's backward (delta_chunked.py), "pallas" the
+chunked kernels with a hand-derived backward (delta_pallas.py; interpreted on CPU). `auto` runs
+pallas on GPU and TPU and xla on CPU (layers/kernels/dispatch.py). KDA's per-channel gate
+([b, t, h, d_k]) is refused.
 
 `delta_rule_step` is the single-token recurrence for decoding: O(1) per token.
 """
@@ -20,11 +23,11 @@ import jax.numpy as jnp
 
 from layers.kernels import dispatch
 from layers.kernels.delta_chunked import chunked_delta_rule
+from layers.kernels.delta_pallas import delta_pallas
 from layers.kernels.delta_reference import delta_rule_reference, delta_step
 from layers.linear_attention import check_common, repeat_kv, step_inputs
 
 FAMILY = "delta_rule"
-HAS_PALLAS = False  # no Pallas kernel for this family yet (see the module docstring)
 
 
 def check_arguments(q, k, v, beta, g, initial_state, segment_ids, chunk_size):
@@ -55,8 +58,9 @@ def delta_rule(q, k, v, beta, g=None, *, scale: float | None = None, initial_sta
     initial_state: [b, h, d_k, d_v] state entering the first segment of each row.
     output_final_state: also return the state after the last token.
     segment_ids: [b, t] document ids; the state resets where the id changes.
-    impl: "reference" (token-by-token), "xla" (chunked pure JAX) or "auto" (xla).
-    chunk_size: chunk length of the xla path (a multiple of 16).
+    impl: "reference" (token-by-token), "xla" (chunked pure JAX), "pallas" (chunked kernels) or
+      "auto" (pallas on GPU and TPU, xla on CPU).
+    chunk_size: chunk length of the xla and pallas paths (a multiple of 16).
   Returns:
     o [b, t, h, d_v] in q's dtype, or (o, final_state [b, h, d_k, d_v] float32).
   """
@@ -64,10 +68,12 @@ def delta_rule(q, k, v, beta, g=None, *, scale: float | None = None, initial_sta
   h, dk = q.shape[2], q.shape[3]
   scale = dk ** -0.5 if scale is None else scale
   k, v = repeat_kv(k, h), repeat_kv(v, h)
-  chosen = dispatch.resolve_impl(FAMILY, impl, has_pallas=HAS_PALLAS)
+  chosen = dispatch.resolve_impl(FAMILY, impl)
   kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
   if chosen == "reference":
     o, state = delta_rule_reference(q, k, v, beta, g, **kwargs)
+  elif chosen == "pallas":
+    o, state = delta_pallas(q, k, v, beta, g, chunk_size=chunk_size, **kwargs)
   else:
     o, state = chunked_delta_rule(q, k, v, beta, g, chunk_size=chunk_size, **kwargs)
   return (o, state) if output_final_state else o

@@ -56,7 +56,7 @@ class GatedDeltaNetConfig(HeadsConfig):
     value_head_dim: d_v; None means head_dim.
     conv_size: width of the causal depthwise convolutions on q, k and v (0: none).
     gate: the data-dependent decay g (Gated DeltaNet); False is DeltaNet (a_t = 1).
-    impl: reference, xla or auto (layers/delta_rule.py; there is no Pallas kernel yet).
+    impl: reference, xla, pallas or auto (layers/delta_rule.py).
     chunk_size: chunk length of the chunked path (a multiple of 16).
   """
 

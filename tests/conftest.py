@@ -66,3 +66,11 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if "readme_runs" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.xdist_group("readme"))
+
+
+@pytest.fixture
+def tpu_chip(monkeypatch):
+  """Mosaic asks for the chip's properties; pretend this CPU is a TPU v5p."""
+  from jax._src.pallas.mosaic import tpu_info
+  monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda: (
+      tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1)))

@@ -1,5 +1,6 @@
 """The delta rule op (DeltaNet, Gated DeltaNet): the oracle against the matrix form, the chunked
-xla path against the oracle (outputs, final states and every gradient, float32, odd shapes),
+xla path and the Pallas kernels (interpreted, in both chunk walks) against the oracle (outputs,
+final states and every gradient, float32, odd shapes), the kernels' export for cuda and tpu,
 decoding steps, dispatch and errors."""
 
 import logging
@@ -66,15 +67,13 @@ def _vjp(impl, args, seg, ct, chunk_size=16):
   return out, vjp(ct)
 
 
-@pytest.mark.parametrize("t,dk,dv,gate_scale", [(63, 60, 60, None), (100, 60, 28, 0.1),
-                                                 (63, 12, 7, 1.0), (100, 12, 7, 10.0)])
-def test_chunked_matches_reference_values_states_and_gradients(t, dk, dv, gate_scale):
+def _errors(impl, t, dk, dv, gate_scale, chunk_size=16):
   args = inputs(t, dk, dv, gate_scale)
   seg = segments(t)
   rng = np.random.default_rng(1)
   ct = (jnp.asarray(rng.normal(size=(B, t, H, dv)), jnp.float32),
         jnp.asarray(rng.normal(size=(B, H, dk, dv)), jnp.float32))
-  got = jax.jit(lambda a, c: _vjp("xla", a, seg, c))(args, ct)
+  got = jax.jit(lambda a, c: _vjp(impl, a, seg, c, chunk_size))(args, ct)
   want = jax.jit(lambda a, c: _vjp("reference", a, seg, c))(args, ct)
   rel = lambda x, y: float(np.linalg.norm(x - y) / (np.linalg.norm(y) + 1e-30))
   (o, s), grads = jax.device_get(got)
@@ -83,7 +82,68 @@ def test_chunked_matches_reference_values_states_and_gradients(t, dk, dv, gate_s
   errs = {"o": rel(o, o_ref), "state": rel(s, s_ref)}
   errs.update({n: rel(a, b) for n, a, b in zip(names, grads, grads_ref) if b is not None})
   assert len(errs) == (7 if gate_scale is None else 8), errs
+  return errs
+
+
+@pytest.mark.parametrize("t,dk,dv,gate_scale", [(63, 60, 60, None), (100, 60, 28, 0.1),
+                                                 (63, 12, 7, 1.0), (100, 12, 7, 10.0)])
+def test_chunked_matches_reference_values_states_and_gradients(t, dk, dv, gate_scale):
+  errs = _errors("xla", t, dk, dv, gate_scale)
   assert max(errs.values()) <= 1e-5, errs
+
+
+@pytest.mark.parametrize("t,dk,dv,gate_scale,chunk,target", [
+    (63, 60, 60, None, 32, None), (100, 12, 7, 10.0, 16, None), (63, 12, 7, 1.0, 32, "gpu"),
+    (40, 5, 28, 0.1, 16, "gpu")])
+def test_pallas_matches_reference_values_states_and_gradients(monkeypatch, t, dk, dv, gate_scale,
+                                                              chunk, target):
+  # target "gpu": the Triton conventions (each program loops over its chunks; head dims and the
+  # chunk padded to powers of two) run in the interpreter; None: the grid walk, as on TPU.
+  from layers.kernels import chunk_walk
+  monkeypatch.setattr(chunk_walk, "target_of", lambda interpret: target)
+  errs = _errors("pallas", t, dk, dv, gate_scale, chunk)
+  assert max(errs.values()) <= 1e-5, errs
+
+
+def _export_delta(platform, gate, with_state_and_segments, t=32768, d=128):
+  """Exports the delta-rule kernels' forward+backward for `platform` (bf16, T = 32K, d = 128)."""
+  from jax import export
+  from layers.kernels.delta_pallas import delta_pallas
+  b, h = 1, 2
+  x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  per_token = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
+  h0 = seg = None
+  if with_state_and_segments:
+    h0 = jax.ShapeDtypeStruct((b, h, d, d), jnp.float32)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def loss(q, k, v, beta, g, h0, seg):
+    o, final = delta_pallas(q, k, v, beta, g, scale=0.1, initial_state=h0, segment_ids=seg,
+                            interpret=False)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  argnums = (0, 1, 2, 3) + ((4,) if gate else ()) + ((5,) if h0 is not None else ())
+  fn = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+  return export.export(fn, platforms=[platform], disabled_checks=checks)(
+      x, x, x, per_token, per_token if gate else None, h0, seg)
+
+
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
+def test_delta_kernels_export_for_cuda_and_tpu_at_32k(monkeypatch, tpu_chip, target):
+  # DeltaNet and Gated DeltaNet, with and without segment ids and an initial state: the three
+  # kernels lower (Triton on GPU, Mosaic on TPU), which is what lets `auto` pick them on both.
+  import re
+  from layers.kernels import chunk_walk
+  monkeypatch.setattr(chunk_walk, "target_of", lambda interpret: target)
+  platform, call = {"gpu": ("cuda", "__gpu$xla.gpu.triton"),
+                    "tpu": ("tpu", "tpu_custom_call")}[target]
+  for gate in (False, True):
+    for extras in (False, True):
+      text = _export_delta(platform, gate, extras).mlir_module()
+      kernels = set(re.findall(r"delta_(fwd|states|bwd)", text))
+      assert kernels == {"fwd", "states", "bwd"}, (gate, extras, kernels)
+      assert text.count(f"custom_call @{call}(") == 3, (gate, extras)
 
 
 def test_small_gates_after_a_strongly_decaying_token_keep_their_precision():
@@ -121,18 +181,19 @@ def test_decoding_steps_equal_the_chunked_output():
   np.testing.assert_allclose(state, final, rtol=2e-5, atol=2e-5)
 
 
-def test_auto_runs_xla_and_says_why_on_accelerators(caplog):
+def test_auto_runs_xla_on_cpu_and_the_kernels_on_accelerators(caplog):
   from layers.kernels import dispatch
   q, k, v, beta, g, _ = inputs(16, 8, 8, 1.0)
   with caplog.at_level(logging.INFO, logger="lctx.kernels"):
     delta_rule(q, k, v, beta, g)
+    for backend in ("gpu", "tpu"):
+      assert dispatch.resolve_impl("delta_rule", "auto", backend) == "pallas"
   assert "delta_rule: impl=auto -> xla on cpu" in caplog.text
+  assert "delta_rule: impl=auto -> pallas on gpu" in caplog.text
+  caplog.clear()
   with caplog.at_level(logging.INFO, logger="lctx.kernels"):
-    assert dispatch.resolve_impl("delta_rule", "auto", "gpu", has_pallas=False) == "xla"
-  assert "delta_rule: impl=auto -> xla on gpu because it has no Pallas kernel yet" in caplog.text
-  with pytest.raises(ValueError, match="delta_rule: impl='pallas' cannot run on cpu: it has no "
-                     "Pallas kernel yet"):
     delta_rule(q, k, v, beta, g, impl="pallas")
+  assert "delta_rule: impl=pallas -> pallas on cpu (interpret mode)" in caplog.text
 
 
 def test_bad_arguments_name_what_is_wrong():

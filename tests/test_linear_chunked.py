@@ -249,14 +249,6 @@ def _export_gla(platform, gate, with_state_and_segments, t=32768, d=128):
   return export.export(fn, platforms=[platform], disabled_checks=checks)(x, x, x, g, h0, seg)
 
 
-@pytest.fixture
-def tpu_chip(monkeypatch):
-  """Mosaic asks for the chip's properties; pretend this CPU is a TPU v5p."""
-  from jax._src.pallas.mosaic import tpu_info
-  monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda: (
-      tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1)))
-
-
 @pytest.mark.parametrize("target", ["gpu", "tpu"])
 def test_gla_kernels_export_for_cuda_and_tpu_at_32k(monkeypatch, tpu_chip, target):
   # Every gate form (none, per head, per key dim), with and without segment ids and an initial

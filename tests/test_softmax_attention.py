@@ -92,7 +92,7 @@ def test_pallas_with_tpu_interpret_params():
 
 
 @pytest.mark.parametrize("target", ["gpu", "tpu"])
-def test_pallas_kernels_lower_for_gpu_and_tpu(monkeypatch, target):
+def test_pallas_kernels_lower_for_gpu_and_tpu(monkeypatch, tpu_chip, target):
   """Forward and backward lower with Triton (GPU) and Mosaic (TPU) without the hardware.
 
   Lowering is the Python half of compilation (shapes, block specs, ops the backend accepts); the
@@ -100,13 +100,6 @@ def test_pallas_kernels_lower_for_gpu_and_tpu(monkeypatch, target):
   """
   from jax import export
   monkeypatch.setattr(flash_pallas, "_target", lambda interpret: target)
-  if target == "tpu":
-    try:  # Mosaic asks for the chip's properties; pretend this CPU is a TPU v5p.
-      from jax._src.pallas.mosaic import tpu_info
-      monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda: (
-          tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1)))
-    except (ImportError, AttributeError) as e:
-      pytest.skip(f"TPU chip info is not patchable in this jax: {e}")
   q, k, v, seg, s = make_inputs(8, 1, 300, 6, 2, 60, segments=True, sinks=True)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
 
@@ -315,7 +308,7 @@ def test_bad_arguments_raise_with_the_setting_named():
 
 
 @pytest.mark.parametrize("target", ["gpu", "tpu"])
-def test_flash_kernels_export_for_cuda_and_tpu_at_32k(monkeypatch, target):
+def test_flash_kernels_export_for_cuda_and_tpu_at_32k(monkeypatch, tpu_chip, target):
   """Every variant's forward+backward exports at T = 32K, bf16, head_dim 64 / 96 / 128.
 
   Export runs the lowering only: later compiler passes (TPU VMEM fitting among them) still need
@@ -323,10 +316,6 @@ def test_flash_kernels_export_for_cuda_and_tpu_at_32k(monkeypatch, target):
   """
   from jax import export
   monkeypatch.setattr(flash_pallas, "_target", lambda interpret: target)
-  if target == "tpu":
-    from jax._src.pallas.mosaic import tpu_info
-    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda: (
-        tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1)))
   t, platform = 32768, {"gpu": "cuda", "tpu": "tpu"}[target]
   checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   kernel = "xla.gpu.triton" if target == "gpu" else "tpu_custom_call"

@@ -23,6 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from layers.kernels.linear_chunked import split_chunks
+
 F32 = jnp.float32
 _SQ = pl.squeezed
 NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -36,6 +38,16 @@ def target_of(interpret) -> str | None:
     return None
   backend = jax.default_backend()
   return backend if backend in ("gpu", "tpu") else None
+
+
+def tile(n: int) -> int:
+  """The power of two >= max(n, 16) (Triton's tiles)."""
+  return max(16, 1 << (n - 1).bit_length())
+
+
+def to_chunks(x, n, chunk, width=None):
+  """[B, T, H, d] -> [B, H, N, C, width], zero-padding T to n * chunk and d to width."""
+  return split_chunks(x, n, chunk, width).transpose(0, 3, 1, 2, 4)
 
 
 @dataclasses.dataclass(frozen=True)

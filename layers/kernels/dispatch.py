@@ -7,8 +7,9 @@ test's `caplog` both say which implementation ran.
 
 `CANNOT_LOWER` lists the (family, backend) pairs whose Pallas kernel does not lower with the
 pinned JAX: there `auto` runs xla and logs why, and impl="pallas" is an error naming it. It is
-empty today: tests/test_softmax_attention.py and tests/test_linear_chunked.py export every kernel
-variant for cuda and tpu, so an entry is needed exactly when one of those exports fails.
+empty today: tests/test_softmax_attention.py, tests/test_linear_chunked.py and
+tests/test_delta_rule.py export every kernel variant for cuda and tpu, so an entry is needed
+exactly when one of those exports fails.
 """
 
 import logging
@@ -22,24 +23,19 @@ log = logging.getLogger("lctx.kernels")
 CANNOT_LOWER: dict[tuple[str, str], str] = {}
 
 
-def resolve_impl(family: str, impl: str, backend: str | None = None,
-                 has_pallas: bool = True) -> str:
+def resolve_impl(family: str, impl: str, backend: str | None = None) -> str:
   """Returns the concrete implementation for `impl` and logs the choice.
 
   Args:
     family: the operation's name, used in the log line and in errors (e.g. "linear_attention").
     impl: one of IMPLS.
     backend: jax backend name; default `jax.default_backend()`.
-    has_pallas: False for a family with no Pallas kernel yet: `auto` runs xla on every backend
-      and says so, impl="pallas" is an error.
   """
   if impl not in IMPLS:
     raise ValueError(f"{family}: impl={impl!r} is not one of {IMPLS}")
   backend = backend or jax.default_backend()
   chosen = impl
   why = CANNOT_LOWER.get((family, backend))
-  if not has_pallas:
-    why = "it has no Pallas kernel yet"
   if impl == "pallas" and why:
     raise ValueError(f"{family}: impl='pallas' cannot run on {backend}: {why}; use impl='xla' "
                      "or 'auto'")

@@ -109,15 +109,6 @@ _core.defvjp(_core_fwd, _core_bwd)
 # Public entry.
 
 
-def _pow2(n: int) -> int:
-  return max(16, 1 << (n - 1).bit_length())
-
-
-def _to_chunks(x, n, chunk, width=None):
-  """[B, T, H, d] -> [B, H, N, C, width], zero-padding T to n * chunk and d to width."""
-  return lc.split_chunks(x, n, chunk, width).transpose(0, 3, 1, 2, 4)
-
-
 def gla_pallas(q, k, v, gk=None, *, scale: float, initial_state=None, segment_ids=None,
                chunk_size: int = 64, interpret=None):
   """Chunked (gated) linear attention with Pallas kernels; semantics of the reference.
@@ -155,16 +146,16 @@ def _gla(q, k, v, gk, initial_state, segment_ids, *, scale, chunk, interpret, ta
   gate = None if gk is None else ("scalar" if gk.shape[-1] == 1 else "vector")
   # Triton wants power-of-two tiles of at least 16: zero-padded head dims change nothing (their q
   # and k are 0, so their state rows stay 0; padded v columns are sliced off).
-  dkp, dvp = (_pow2(dk), _pow2(dv)) if target == "gpu" else (dk, dv)
+  dkp, dvp = (cw.tile(dk), cw.tile(dv)) if target == "gpu" else (dk, dv)
   if target == "gpu":
-    chunk = _pow2(chunk)
+    chunk = cw.tile(chunk)
   sub = cm.sub_chunk_size(chunk) if gate == "vector" else chunk
   n = -(-t // chunk)
-  qc, kc = _to_chunks(q, n, chunk, dkp), _to_chunks(k, n, chunk, dkp)
-  vc = _to_chunks(v, n, chunk, dvp)
+  qc, kc = cw.to_chunks(q, n, chunk, dkp), cw.to_chunks(k, n, chunk, dkp)
+  vc = cw.to_chunks(v, n, chunk, dvp)
   cum = None
   if gk is not None:
-    g = _to_chunks(gk.astype(F32), n, chunk, dkp if gate == "vector" else 1)
+    g = cw.to_chunks(gk.astype(F32), n, chunk, dkp if gate == "vector" else 1)
     cum = jnp.cumsum(g, axis=3)
   h0 = (jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32))
   h0t = jnp.pad(jnp.swapaxes(h0, -1, -2), ((0, 0), (0, 0), (0, dvp - dv), (0, dkp - dk)))
