@@ -4,11 +4,12 @@
 
 Part 1 runs each Pallas kernel variant (flash: causal, window, segments, sinks, GQA, non-causal,
 head_dim 64 / 96 / 128; GLA: no gate, per-head and per-key-dim gates, segments with an initial
-state, GQA) with impl="pallas" on this backend and compares the output and every gradient with
-impl="reference" in float32 at highest matmul precision (relative RMS, worst of all tensors), one
-PASS/FAIL row per variant. Part 2 times forward and forward+backward in bf16 at each length:
-flash (pallas) next to jax.nn.dot_product_attention (cuDNN on GPU where it runs, else XLA) and
-the xla flash, and GLA (pallas) next to the chunked xla path. Timing stops when the time budget
+state, GQA; delta rule: DeltaNet, Gated DeltaNet, segments with an initial state, GQA) with
+impl="pallas" on this backend and compares the output and every gradient with impl="reference"
+in float32 at highest matmul precision (relative RMS, worst of all tensors), one PASS/FAIL row
+per variant. Part 2 times forward and forward+backward in bf16 at each length: flash (pallas)
+next to jax.nn.dot_product_attention (cuDNN on GPU where it runs, else XLA) and the xla flash,
+and GLA and the gated delta rule (pallas) next to their chunked xla paths. Timing stops when the time budget
 (default 7 minutes in all) is spent, and says which rows it skipped.
 
 On CPU the kernels run in interpret mode, so only tiny sizes make sense there (`--tiny`, which
@@ -26,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmarking as bm
+from layers.delta_rule import delta_rule
 from layers.linear_attention import linear_attention
+from layers.norms import l2_normalize
 from layers.softmax_attention import softmax_attention
 
 log = logging.getLogger("lctx.device_check")
@@ -55,6 +58,13 @@ GLA_VARIANTS = {
     "vector_gate": dict(gate="vector"),
     "vector_gate_segments_h0": dict(gate="vector", segments=True, h0=True),
     "gqa_scalar_gate": dict(gate="scalar", kv_heads=2),
+}
+
+DELTA_VARIANTS = {
+    "deltanet": dict(gate=False),
+    "gated": dict(gate=True),
+    "gated_segments_h0": dict(gate=True, segments=True, h0=True),
+    "gqa_gated": dict(gate=True, kv_heads=2),
 }
 
 
@@ -132,6 +142,39 @@ def check_gla(name, *, t, d=64, heads=4, kv_heads=4, gate=None, segments=False, 
   return dict(kernel="gla", variant=name, t=t, d=d, worst_tensor=worst, rel_rms=err)
 
 
+def check_delta(name, *, t, d=64, heads=4, kv_heads=4, gate=True, segments=False, h0=False,
+                chunk=64):
+  ks = jax.random.split(jax.random.key(2), 6)
+  b = 1
+  q = l2_normalize(jax.random.normal(ks[0], (b, t, heads, d)))
+  k = l2_normalize(jax.random.normal(ks[1], (b, t, kv_heads, d)))
+  v = jax.random.normal(ks[2], (b, t, kv_heads, d))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, heads)))
+  seg = _segments(b, t) if segments else None
+  args, names = [q, k, v, beta], ("dq", "dk", "dv", "dbeta")
+  if gate:
+    args.append(jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, heads)) + 2.0))
+    names += ("dg",)
+  if h0:
+    args.append(jax.random.normal(ks[5], (b, heads, d, d)))
+    names += ("dh0",)
+
+  def fn(impl, q, k, v, beta, *rest):
+    rest = list(rest)
+    g = rest.pop(0) if gate else None
+    state = rest.pop(0) if h0 else None
+    return delta_rule(q, k, v, beta, g, initial_state=state, segment_ids=seg, impl=impl,
+                      chunk_size=chunk)
+
+  worst, err = _compare(fn, args, names)
+  return dict(kernel="delta_rule", variant=name, t=t, d=d, worst_tensor=worst, rel_rms=err)
+
+
+def check_names(d_list=(64, 96, 128)) -> list[str]:
+  return ([f"flash_{n}" for n in flash_variants(d_list)] + [f"gla_{n}" for n in GLA_VARIANTS]
+          + [f"delta_rule_{n}" for n in DELTA_VARIANTS])
+
+
 def run_checks(t, only=None, d_list=(64, 96, 128), d_default=64, chunk=64):
   rows = []
   with jax.default_matmul_precision("highest"):
@@ -143,6 +186,10 @@ def run_checks(t, only=None, d_list=(64, 96, 128), d_default=64, chunk=64):
       if only and f"gla_{name}" not in only:
         continue
       rows.append(check_gla(name, t=t, d=d_default, chunk=chunk, **kw))
+    for name, kw in DELTA_VARIANTS.items():
+      if only and f"delta_rule_{name}" not in only:
+        continue
+      rows.append(check_delta(name, t=t, d=d_default, chunk=chunk, **kw))
   for r in rows:
     r["result"] = "PASS" if r["rel_rms"] < TOL else "FAIL"
   return rows
@@ -180,6 +227,11 @@ def run_timings(lengths, *, heads, head_dim, repeats, budget_s, backend, chunk=6
                                                             chunk_size=chunk))
     yield ("gla", "pallas", gla("pallas"), (q, k, v, g))
     yield ("gla", "xla", gla("xla"), (q, k, v, g))
+    beta = jax.nn.sigmoid(mk(3)[..., 0].astype(jnp.float32))
+    gdn = lambda impl: (lambda q, k, v, beta, g: delta_rule(
+        l2_normalize(q), l2_normalize(k), v, beta, g[..., 0], impl=impl, chunk_size=chunk))
+    yield ("gated_delta_rule", "pallas", gdn("pallas"), (q, k, v, beta, g))
+    yield ("gated_delta_rule", "xla", gdn("xla"), (q, k, v, beta, g))
 
   for t in lengths:
     for op, impl, fn, args in ops(t):
@@ -235,8 +287,7 @@ def main(argv=None):
   checks = run_checks(check_t, only, d_list, d_default, chunk)
   if not checks:
     raise SystemExit(f"device_check: --only={args.only!r} names no check; names are "
-                     + ", ".join(f"flash_{n}" for n in flash_variants(d_list))
-                     + ", " + ", ".join(f"gla_{n}" for n in GLA_VARIANTS))
+                     + ", ".join(check_names(d_list)))
   bm.print_table(checks, CHECK_COLUMNS)
   bm.write_csv(os.path.join(args.out, "check.csv"), checks, CHECK_COLUMNS)
 
