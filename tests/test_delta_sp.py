@@ -8,7 +8,8 @@ documents cross shard boundaries (also exactly at a shard start), P in {2, 4, 8}
 ZeCO's column blocks K in {1, 2, 3, 4}, a composed mesh and the reference, xla and pallas
 (interpreted) intra ops. The compiled
 HLO shows the communication: ZeCO sends one state per rank and leg, LASP-2 one all-gather of
-[M | A] (one reduce-scatter backward) of (P-1) B H (d_k d_v + d_k^2) floats.
+[M | A] (one reduce-scatter backward) of (P-1) B H (d_k d_v + d_k^2) floats. A layer type
+without a method on a zigzag plan (linear, delta rule, softmax) runs in natural order.
 """
 
 from tests.multidevice import run_with_devices
@@ -77,8 +78,37 @@ check_delta("lasp2-c8-gate10-noseg-ref", "lasp2", "contiguous", m8, gate=10.0, s
 check_delta("lasp2-z8-gate0.1-noh0", "lasp2", "zigzag", m8, gate=0.1, dk=8, dv=4, h0=False)
 check_delta("lasp2-dst-zigzag", "lasp2", "zigzag", mesh_of((2, 2, 2), ("data", "seq", "tensor")),
             set_mesh=True)
+
+# A layer type without a method on a zigzag plan runs its single-device op in natural order.
+from layers.delta_parallel import parallel_delta_rule
+from layers.linear_parallel import parallel_linear_attention
+from layers.softmax_attention import softmax_attention
+from layers.softmax_parallel import parallel_softmax_attention
+from sharding.plan import ExecutionPlan
+layout = SeqLayout("zigzag", 4)
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(np.float32(rng.normal(size=(2, 128, 2, 8)))) for _ in range(3))
+beta, g = jnp.full((2, 128, 2), 0.5), jnp.asarray(np.float32(-rng.uniform(size=(2, 128, 2))))
+seg = make_segments(2, 128, 4)
+lay = lambda x: layout.to_layout(x, 1)
+unlay = lambda x: layout.from_layout(x, 1)
+for name, plan, ours, ref in [
+    ("linear", ExecutionPlan(m4, layout, softmax="ring"),
+     lambda p: parallel_linear_attention(p, lay(q), lay(k), lay(v), lay(g),
+                                         segment_ids=lay(seg), chunk_size=16),
+     lambda: linear_attention(q, k, v, g, segment_ids=seg, chunk_size=16)),
+    ("delta", ExecutionPlan(m4, layout, softmax="ring"),
+     lambda p: parallel_delta_rule(p, lay(q), lay(k), lay(v), lay(beta), lay(g),
+                                   segment_ids=lay(seg), chunk_size=16),
+     lambda: delta_rule(q, k, v, beta, g, segment_ids=seg, chunk_size=16)),
+    ("softmax", ExecutionPlan(m4, layout, linear="zeco"),
+     lambda p: parallel_softmax_attention(p, lay(q), lay(k), lay(v), segment_ids=lay(seg)),
+     lambda: softmax_attention(q, k, v, segment_ids=seg))]:
+  got, want = jax.jit(lambda: unlay(ours(plan)))(), jax.jit(ref)()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  print("ok natural order", name)
 """)
-  assert out.count("ok ") == 5, out
+  assert out.count("ok ") == 8, out
 
 
 def test_zeco_delta_rule_matches_reference_and_communication():
