@@ -9,8 +9,8 @@ impl="pallas" on this backend and compares the output and every gradient with im
 in float32 at highest matmul precision (relative RMS, worst of all tensors), one PASS/FAIL row
 per variant. Part 2 times forward and forward+backward in bf16 at each length: flash (pallas)
 next to jax.nn.dot_product_attention (cuDNN on GPU where it runs, else XLA) and the xla flash,
-and GLA and the gated delta rule (pallas) next to their chunked xla paths. Timing stops when the time budget
-(default 7 minutes in all) is spent, and says which rows it skipped.
+and GLA and the gated delta rule (pallas) next to their chunked xla paths. Timing stops when the
+time budget (default 7 minutes in all) is spent, and says which rows it skipped.
 
 On CPU the kernels run in interpret mode, so only tiny sizes make sense there (`--tiny`, which
 the test suite runs). Writes check.csv and timing.csv under --out; exits 1 if any variant fails.

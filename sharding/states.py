@@ -1,7 +1,8 @@
 """The piece states the sequence-parallel schedules of the linear layers move, and their algebra.
 
 A rank summarizes each of its pieces of a linear recurrence by the affine map from the state
-entering the piece to the state leaving it, S_out = D S_in + M (states [d_k, d_v] per head, float32):
+entering the piece to the state leaving it, S_out = D S_in + M (states [d_k, d_v] per head,
+float32):
   diagonal  D [..., d_k or 1]: a per-row (GLA) or scalar (decayed, plain: 1) transition, as in
             (gated) linear attention; the rows of the state are independent;
   matrix    D [..., d_k, d_k]: a full transition, as in the delta rule (the product of the tokens'

@@ -1,7 +1,7 @@
-"""The delta rule op (DeltaNet, Gated DeltaNet): the oracle against the matrix form, the chunked
-xla path and the Pallas kernels (interpreted, in both chunk walks) against the oracle (outputs,
-final states and every gradient, float32, odd shapes), the kernels' export for cuda and tpu,
-decoding steps, dispatch and errors."""
+"""The delta rule op (DeltaNet, Gated DeltaNet, KDA): the oracle against the matrix form, the
+chunked xla path and the Pallas kernels (interpreted, in both chunk walks) against the oracle
+(outputs, final states and every gradient, float32, odd shapes), the kernels' export for cuda and
+tpu, decoding steps, dispatch and errors."""
 
 import logging
 
@@ -15,14 +15,16 @@ from layers.delta_rule import delta_rule, delta_rule_step
 B, H, HK = 2, 4, 2
 
 
-def inputs(t, dk, dv, gate_scale, seed=0):
+def inputs(t, dk, dv, gate_scale, seed=0, channel=False):
+  """(q, k, v, beta, g, h0); g per head [B, t, H], or per key dim [B, t, H, dk] if `channel`."""
   rng = np.random.default_rng(seed)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # the mixers L2-normalize k
   q = rng.normal(size=(B, t, H, dk))
   k = unit(rng.normal(size=(B, t, HK, dk)))
   v = rng.normal(size=(B, t, HK, dv))
   beta = 1 / (1 + np.exp(-rng.normal(size=(B, t, H))))
-  g = None if gate_scale is None else -gate_scale * rng.uniform(size=(B, t, H))
+  g = None if gate_scale is None else -gate_scale * rng.uniform(
+      size=(B, t, H) + ((dk,) if channel else ()))
   h0 = rng.normal(size=(B, H, dk, dv))
   f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
   return tuple(map(f32, (q, k, v, beta, g, h0)))
@@ -37,25 +39,27 @@ def segments(t):
 
 
 def test_reference_is_the_matrix_recurrence():
-  # S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t, written out
-  # with explicit matrices in float64.
+  # S_t = (I - beta_t k_t k_t^T) diag(a_t) S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t,
+  # written out with explicit matrices in float64, for a per-head and a per-key-dim (KDA) gate.
   t, dk, dv = 9, 5, 3
-  q, k, v, beta, g, h0 = (None if x is None else np.asarray(x, np.float64)
-                          for x in inputs(t, dk, dv, 1.0, seed=3))
-  o, final = delta_rule(*(jnp.asarray(x, jnp.float32) for x in (q, k, v, beta, g)),
-                        initial_state=jnp.asarray(h0, jnp.float32), output_final_state=True,
-                        impl="reference")
-  want = np.zeros((B, t, H, dv))
-  for bi in range(B):
-    for hi in range(H):
-      s = h0[bi, hi]
-      for ti in range(t):
-        kt, vt = k[bi, ti, hi // 2][:, None], v[bi, ti, hi // 2][:, None]
-        bt, at = beta[bi, ti, hi], np.exp(g[bi, ti, hi])
-        s = at * (np.eye(dk) - bt * kt @ kt.T) @ s + bt * kt @ vt.T
-        want[bi, ti, hi] = dk ** -0.5 * s.T @ q[bi, ti, hi]
-      np.testing.assert_allclose(final[bi, hi], s, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-5)
+  for channel in (False, True):
+    q, k, v, beta, g, h0 = (None if x is None else np.asarray(x, np.float64)
+                            for x in inputs(t, dk, dv, 1.0, seed=3, channel=channel))
+    o, final = delta_rule(*(jnp.asarray(x, jnp.float32) for x in (q, k, v, beta, g)),
+                          initial_state=jnp.asarray(h0, jnp.float32), output_final_state=True,
+                          impl="reference")
+    want = np.zeros((B, t, H, dv))
+    for bi in range(B):
+      for hi in range(H):
+        s = h0[bi, hi]
+        for ti in range(t):
+          kt, vt = k[bi, ti, hi // 2][:, None], v[bi, ti, hi // 2][:, None]
+          bt, at = beta[bi, ti, hi], np.exp(g[bi, ti, hi])
+          decay = np.diag(at) if channel else at * np.eye(dk)
+          s = (np.eye(dk) - bt * kt @ kt.T) @ decay @ s + bt * kt @ vt.T
+          want[bi, ti, hi] = dk ** -0.5 * s.T @ q[bi, ti, hi]
+        np.testing.assert_allclose(final[bi, hi], s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-5)
 
 
 def _vjp(impl, args, seg, ct, chunk_size=16):
@@ -67,8 +71,8 @@ def _vjp(impl, args, seg, ct, chunk_size=16):
   return out, vjp(ct)
 
 
-def _errors(impl, t, dk, dv, gate_scale, chunk_size=16):
-  args = inputs(t, dk, dv, gate_scale)
+def _errors(impl, t, dk, dv, gate_scale, chunk_size=16, channel=False):
+  args = inputs(t, dk, dv, gate_scale, channel=channel)
   seg = segments(t)
   rng = np.random.default_rng(1)
   ct = (jnp.asarray(rng.normal(size=(B, t, H, dv)), jnp.float32),
@@ -85,10 +89,13 @@ def _errors(impl, t, dk, dv, gate_scale, chunk_size=16):
   return errs
 
 
-@pytest.mark.parametrize("t,dk,dv,gate_scale", [(63, 60, 60, None), (100, 60, 28, 0.1),
-                                                 (63, 12, 7, 1.0), (100, 12, 7, 10.0)])
-def test_chunked_matches_reference_values_states_and_gradients(t, dk, dv, gate_scale):
-  errs = _errors("xla", t, dk, dv, gate_scale)
+@pytest.mark.parametrize("t,dk,dv,gate_scale,channel", [
+    (63, 60, 60, None, False), (100, 60, 28, 0.1, False), (63, 12, 7, 1.0, False),
+    (100, 12, 7, 10.0, False), (100, 60, 28, 0.1, True), (63, 12, 7, 1.0, True),
+    (100, 12, 7, 10.0, True)])
+def test_chunked_matches_reference_values_states_and_gradients(t, dk, dv, gate_scale, channel):
+  # channel: KDA's per-key-dim gate.
+  errs = _errors("xla", t, dk, dv, gate_scale, channel=channel)
   assert max(errs.values()) <= 1e-5, errs
 
 
@@ -168,8 +175,9 @@ def test_chunk_size_does_not_change_the_result():
   np.testing.assert_allclose(run(16), run(64), rtol=2e-5, atol=2e-5)
 
 
-def test_decoding_steps_equal_the_chunked_output():
-  q, k, v, beta, g, h0 = inputs(40, 12, 7, 1.0, seed=4)
+@pytest.mark.parametrize("channel", [False, True])
+def test_decoding_steps_equal_the_chunked_output(channel):
+  q, k, v, beta, g, h0 = inputs(40, 12, 7, 1.0, seed=4, channel=channel)
   o, final = delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True, impl="xla",
                         chunk_size=16)
   state, steps = h0, []
@@ -194,14 +202,23 @@ def test_auto_runs_xla_on_cpu_and_the_kernels_on_accelerators(caplog):
   with caplog.at_level(logging.INFO, logger="lctx.kernels"):
     delta_rule(q, k, v, beta, g, impl="pallas")
   assert "delta_rule: impl=pallas -> pallas on cpu (interpret mode)" in caplog.text
+  # KDA's per-key-dim gate has no kernel: auto runs xla on accelerators and says why.
+  kda = jnp.broadcast_to(g[..., None], q.shape)
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="lctx.kernels"):
+    assert dispatch.resolve_impl("delta_rule", "auto", "gpu", no_kernel="a reason") == "xla"
+  assert "delta_rule: impl=auto -> xla on gpu because a reason" in caplog.text
+  with pytest.raises(ValueError, match="impl='pallas' cannot run on cpu: its Pallas kernels take "
+                     "a per-head gate, not KDA's per-key-dim one"):
+    delta_rule(q, k, v, beta, kda, impl="pallas")
 
 
 def test_bad_arguments_name_what_is_wrong():
   q, k, v, beta, g, h0 = inputs(16, 8, 8, 1.0)
   with pytest.raises(ValueError, match=r"beta has shape \(2, 16\)"):
     delta_rule(q, k, v, beta[..., 0], g)
-  with pytest.raises(ValueError, match="per-key-dimension gate .* \\(KDA\\) is not implemented"):
-    delta_rule(q, k, v, beta, jnp.broadcast_to(g[..., None], q.shape))
+  with pytest.raises(ValueError, match=r"gate g has shape \(2, 16, 4, 1\); allowed: None"):
+    delta_rule(q, k, v, beta, g[..., None])
   with pytest.raises(ValueError, match="initial_state has shape"):
     delta_rule(q, k, v, beta, g, initial_state=h0[:, :2])
   with pytest.raises(ValueError, match="chunk_size=24"):

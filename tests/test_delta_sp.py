@@ -2,8 +2,8 @@
 
 Every case runs the method on layout-order inputs and compares the output, the final state and
 all gradients (q, k, v, beta, g, initial state) with the token-by-token reference on natural-order
-inputs (relative error <= 1e-5 in float32). The cases rotate through DeltaNet (no gate) and Gated
-DeltaNet with gate strengths 0.1, 1 and 10, odd head dims, GQA, initial states, segment ids whose
+inputs (relative error <= 1e-5 in float32). The cases rotate through DeltaNet (no gate), Gated
+DeltaNet with gate strengths 0.1, 1 and 10 and KDA (per-key-dim gates), odd head dims, GQA, initial states, segment ids whose
 documents cross shard boundaries (also exactly at a shard start), P in {2, 4, 8}, both layouts,
 ZeCO's column blocks K in {1, 2, 3, 4}, a composed mesh and the reference, xla and pallas
 (interpreted) intra ops. The compiled
@@ -23,7 +23,8 @@ DELTA = {"lasp2": lasp2_delta_rule, "zeco": zeco_delta_rule}
 
 
 def check_delta(name, method, kind, mesh, *, b=2, h=4, hk=2, dk=5, dv=7, gate=1.0, h0=True,
-                seg=True, scan_blocks=4, set_mesh=False, impl="auto", per_rank=32):
+                seg=True, scan_blocks=4, set_mesh=False, impl="auto", per_rank=32,
+                channel=False):
   p = mesh.shape["seq"]
   t, layout = per_rank * p, SeqLayout(kind, p)
   rng = np.random.default_rng(len(name))
@@ -31,7 +32,8 @@ def check_delta(name, method, kind, mesh, *, b=2, h=4, hk=2, dk=5, dv=7, gate=1.
   k = normal(b, t, hk, dk)
   args = {"q": normal(b, t, h, dk), "k": k / np.linalg.norm(k, axis=-1, keepdims=True),
           "v": normal(b, t, hk, dv), "beta": 1 / (1 + np.exp(-normal(b, t, h))),
-          "g": None if gate is None else -gate * rng.uniform(size=(b, t, h)),
+          "g": None if gate is None else -gate * rng.uniform(
+              size=(b, t, h) + ((dk,) if channel else ())),
           "h0": normal(b, h, dk, dv) if h0 else None}
   args = {key: jnp.asarray(np.float32(x)) for key, x in args.items() if x is not None}
   seg_ids = make_segments(b, t, p) if seg else None
@@ -119,6 +121,7 @@ check_delta("zeco-z2-gate1-k3", "zeco", "zigzag", m2, dv=6, scan_blocks=3)
 check_delta("zeco-c4-deltanet-k2-noh0", "zeco", "contiguous", m4, gate=None, dv=8,
             scan_blocks=2, h0=False)
 check_delta("zeco-z8-gate0.1-k1", "zeco", "zigzag", m8, gate=0.1, hk=4)
+check_delta("zeco-z4-kda-k4", "zeco", "zigzag", m4, dv=8, channel=True)
 
 b, h, dk, dv, p = 2, 2, 8, 4, 4
 mesh, state_bytes = mesh_of((p,), ("seq",)), b * h * dk * dv * 4
@@ -147,7 +150,7 @@ try:
 except ValueError as e:
   print("error:", e)
 """)
-  assert out.count("ok ") == 4, out
+  assert out.count("ok ") == 5, out
   # ZeCO sends state blocks only (the transition A stays on its rank): contiguous, P-1+K-1 = 6
   # steps, one state per rank but the last, the same back in the backward; zigzag two legs.
   none = "all-gather 0 reduce-scatter 0 all-reduce 0 gathered"

@@ -13,15 +13,21 @@ Everything but the last three lines is chunk-local and runs for all chunks at on
 passes from chunk to chunk in an XLA scan (one [d_k, d_v] product pair per chunk and head).
 Gates enter as in-chunk sums of log-gates over (j, i], each summed directly rather than as a
 difference of cumulative sums (so the small gates after one strongly decaying token keep their
-precision), and every exponent is <= 0 (no overflow at any gate strength). A segment reset at token i is a gate of exactly zero there:
-the ratios that span it are masked to 0 (never an exp of -inf - -inf). The backward is JAX's
-autodiff of this program (the block inversion and the scan included).
+precision), and every exponent is <= 0 (no overflow at any gate strength). KDA's per-key-dim gate
+(the state's rows decay apart: S_i = (I - beta_i k_i k_i^T) diag(a_i) S_{i-1} + beta_i k_i v_i^T)
+replaces the ratios by per-channel ones inside the key products, A_ij = beta_i sum_d k_id k_jd
+Gamma_ij,d and (Q K^T o Gamma)_ij = sum_d q_id k_jd Gamma_ij,d, computed by the GLA chunk math's
+re-centred sub-blocks, with gamma, Gamma_C. and the state's decay per channel. A segment reset at
+token i is a gate of exactly zero there: the ratios that span it are masked to 0 (never an exp of
+-inf - -inf). The backward is JAX's autodiff of this program (the block inversion and the scan
+included).
 """
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from layers.kernels.linear_chunk_math import intra_scores, sub_chunk_size
 from layers.kernels.linear_reference import segment_resets
 
 F32 = jnp.float32
@@ -70,22 +76,52 @@ def unit_lower_inverse(a):
   return t[..., 0, :c, :c]
 
 
+def _channel_scores(x, k, b, mask):
+  """[.., c, c] masked sum_d x_id k_jd e^(b_id - b_jd) of every chunk (per-key-dim gates), by the
+  GLA chunk math's overflow-free sub-blocks (linear_chunk_math.intra_scores)."""
+  lead, (c, d) = x.shape[:-2], x.shape[-2:]
+  flat = lambda y: y.reshape((-1,) + y.shape[len(lead):])
+  mask = jnp.broadcast_to(mask, lead + (c, c))
+  scores = jax.vmap(lambda a, kk, bb, m: intra_scores(a, kk, bb, m, sub_chunk_size(c)))(
+      flat(x), flat(k), flat(b), flat(mask))
+  return scores.reshape(lead + (c, c))
+
+
 def chunk_terms(q, k, v, beta, g, reset):
   """The chunk-local terms of every chunk at once.
 
   Args:
     q, k: [n, b, h, c, dk] float32 (q already scaled); v: [n, b, h, c, dv].
-    beta: [n, b, h, c]; g: [n, b, h, c] log-gates or None; reset: [n, b, c] bool (a reset at token
-      i zeroes the state before i).
+    beta: [n, b, h, c]; g: [n, b, h, c] or [n, b, h, c, dk] log-gates, or None; reset: [n, b, c]
+      bool (a reset at token i zeroes the state before i).
   Returns:
     (u_prime [.., c, dv], w [.., c, dk], q_gamma [.., c, dk], attn [.., c, c], k_end [.., c, dk],
-     gamma_end [n, b, h, 1, 1]).
+     gamma_end [n, b, h, 1 or dk, 1]).
   """
   c = q.shape[-2]
   runs = jnp.cumsum(reset.astype(jnp.int32), axis=-1)[:, :, None, :]  # resets up to and incl. i
   runs = jnp.broadcast_to(runs, beta.shape)
   lower = jnp.tril(jnp.ones((c, c), bool))
   same = (runs[..., :, None] == runs[..., None, :]) & lower
+  strict = jnp.tril(jnp.ones((c, c), bool), -1)
+  first = (runs == 0)[..., None]               # [.., c, 1]: the state entering the chunk reaches i
+  in_last = (runs == runs[..., -1:])[..., None]  # [.., c, 1]: i is in the chunk's last run
+  if g is not None and g.ndim == q.ndim:
+    # Per-key-dim gates (KDA): the decays between tokens differ per channel, so they enter the
+    # scores as sum_d x_id k_jd e^(b_id - b_jd) over the in-chunk cumulative log-gates b.
+    b = jnp.cumsum(g, axis=-2)
+    b_end = b[..., -1:, :]
+    gamma = jnp.where(first, jnp.exp(b), 0.0)                          # [.., c, dk]
+    k_end = jnp.where(in_last, jnp.exp(b_end - b), 0.0) * k
+    gamma_end = jnp.where(first[..., -1:, :], jnp.exp(b_end), 0.0)      # [.., 1, dk]
+    kk = _channel_scores(k, k, b, same & strict)
+    attn = _channel_scores(q, k, b, same)
+    a = beta[..., :, None] * kk
+    rhs = jnp.concatenate([beta[..., None] * v, beta[..., None] * gamma * k], axis=-1)
+    solved = _dot(unit_lower_inverse(a), rhs)
+    dv = v.shape[-1]
+    return (solved[..., :dv], solved[..., dv:], gamma * q, attn, k_end,
+            jnp.swapaxes(gamma_end, -1, -2))
   if g is None:
     ratio = same.astype(F32)
     gamma = (runs == 0).astype(F32)
@@ -102,7 +138,6 @@ def chunk_terms(q, k, v, beta, g, reset):
   last = ratio[..., -1, :]  # Gamma_{C-1, j}: decay from token j to the chunk end
   gamma_end = gamma[..., -1][..., None, None]
   kk = jnp.einsum("...id,...jd->...ij", k, k)
-  strict = jnp.tril(jnp.ones((c, c), bool), -1)
   a = jnp.where(strict, beta[..., :, None] * kk * ratio, 0.0)
   rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)
   solved = _dot(unit_lower_inverse(a), rhs)
@@ -130,9 +165,11 @@ def chunked_delta_rule(q, k, v, beta, g=None, *, scale: float, initial_state=Non
   gates = None if gates is None else padt(gates)
   reset = padt(reset)
   to_c = lambda x: _to_chunks(x[..., None], n, c)[..., 0]  # [b, T, h] -> [n, b, h, c]
+  gate_chunks = None
+  if gates is not None:
+    gate_chunks = _to_chunks(gates, n, c) if gates.ndim == 4 else to_c(gates)
   terms = chunk_terms(_to_chunks(qs, n, c), _to_chunks(ks, n, c), _to_chunks(vs, n, c),
-                      to_c(betas), None if gates is None else to_c(gates),
-                      jnp.moveaxis(reset.reshape(b, n, c), 1, 0))
+                      to_c(betas), gate_chunks, jnp.moveaxis(reset.reshape(b, n, c), 1, 0))
   state0 = (jnp.zeros((b, h, dk, dv), F32) if initial_state is None else f32(initial_state))
 
   def body(state, x):

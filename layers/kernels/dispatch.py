@@ -1,4 +1,4 @@
-"""Which implementation runs: "reference", "xla", "pallas" or "auto", logged every time it is chosen.
+"""Which implementation runs: "reference", "xla", "pallas" or "auto", logged whenever it is chosen.
 
 `auto` picks the fastest implementation that is correct on the current backend: the Pallas kernels
 on GPU and TPU, the chunked pure-JAX path on CPU (Pallas only runs interpreted there, which is
@@ -23,19 +23,23 @@ log = logging.getLogger("lctx.kernels")
 CANNOT_LOWER: dict[tuple[str, str], str] = {}
 
 
-def resolve_impl(family: str, impl: str, backend: str | None = None) -> str:
+def resolve_impl(family: str, impl: str, backend: str | None = None,
+                 no_kernel: str | None = None) -> str:
   """Returns the concrete implementation for `impl` and logs the choice.
 
   Args:
     family: the operation's name, used in the log line and in errors (e.g. "linear_attention").
     impl: one of IMPLS.
     backend: jax backend name; default `jax.default_backend()`.
+    no_kernel: why the family's Pallas kernel cannot take this call (a variant it does not
+      implement), or None: like a CANNOT_LOWER entry, `auto` then runs xla and says why and
+      impl="pallas" is an error.
   """
   if impl not in IMPLS:
     raise ValueError(f"{family}: impl={impl!r} is not one of {IMPLS}")
   backend = backend or jax.default_backend()
   chosen = impl
-  why = CANNOT_LOWER.get((family, backend))
+  why = no_kernel or CANNOT_LOWER.get((family, backend))
   if impl == "pallas" and why:
     raise ValueError(f"{family}: impl='pallas' cannot run on {backend}: {why}; use impl='xla' "
                      "or 'auto'")
