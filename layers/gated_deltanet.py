@@ -1,4 +1,4 @@
-"""The Gated DeltaNet mixer ("gated_deltanet"), in Qwen3-Next's / fla's layout.
+"""The Gated DeltaNet mixer ("gated_deltanet"), in Qwen3-Next's / fla's layout, and KDA ("kda").
 
   q, k = x W_q, x W_k   [b, t, key heads, d_k];   v = x W_v   [b, t, heads, d_v]
   q, k, v <- SiLU(causal depthwise conv of width `conv_size` over time), each channel its own taps
@@ -9,6 +9,12 @@
   o <- RMSNorm_head(o) * SiLU(x W_g);  y = o W_o.
 Initialization follows fla: A = uniform(0, 16) (A_log = log A), dt = exp(uniform(log 1e-3,
 log 0.1)) and dt_bias its inverse softplus.
+
+KDA (Kimi Linear; `per_key_gate=True`, the "kda" mixer): the decay is per key dimension,
+g = -exp(A_log)[head] softplus(x W_down W_up + dt_bias) [b, t, heads, d_k] with a low-rank
+projection (rank d_v) and dt_bias per (head, key dim), and the delta rule decays the state's rows
+apart (layers/delta_rule.py). Everything else is this mixer's, the SiLU output gate included
+(Kimi Linear's low-rank sigmoid output gate is not reproduced).
 
 Packed documents: the convolution does not look across a segment boundary (taps reading an
 earlier document's tokens are masked), and the delta rule resets its state there. Decoding: the
@@ -56,6 +62,7 @@ class GatedDeltaNetConfig(HeadsConfig):
     value_head_dim: d_v; None means head_dim.
     conv_size: width of the causal depthwise convolutions on q, k and v (0: none).
     gate: the data-dependent decay g (Gated DeltaNet); False is DeltaNet (a_t = 1).
+    per_key_gate: the decay per key dimension (KDA) instead of per head; needs gate.
     impl: reference, xla, pallas or auto (layers/delta_rule.py).
     chunk_size: chunk length of the chunked path (a multiple of 16).
   """
@@ -64,6 +71,7 @@ class GatedDeltaNetConfig(HeadsConfig):
   value_head_dim: int | None = None
   conv_size: int = 4
   gate: bool = True
+  per_key_gate: bool = False
   impl: str = "auto"
   chunk_size: int = 64
 
@@ -78,6 +86,8 @@ class GatedDeltaNetConfig(HeadsConfig):
                        f"{name}.num_heads={self.num_heads}")
     if self.value_head_dim is not None and self.value_head_dim < 1:
       raise ValueError(f"{name}.value_head_dim={self.value_head_dim} must be >= 1")
+    if self.per_key_gate and not self.gate:
+      raise ValueError(f"{name}.per_key_gate=True needs {name}.gate=True (it is the gate's form)")
     if self.conv_size < 0:
       raise ValueError(f"{name}.conv_size={self.conv_size} must be >= 0")
     if self.impl not in IMPLS:
@@ -205,14 +215,26 @@ class GatedDeltaNet(Mixer):
     beta = jax.nn.sigmoid(jnp.einsum("bte,eh->bth", x32, w_b.astype(jnp.float32)))
     g = None
     if cfg.gate:
-      w_a = P.param(self, "a", P.dense_init(e), (e, h), ("embed", "heads"), self.param_dtype)
+      f32 = lambda w: w.astype(jnp.float32)
       a_log = P.param(self, "A_log", _a_log_init, (h,), ("heads",), self.param_dtype)
-      dt_bias = P.param(self, "dt_bias", _dt_bias_init, (h,), ("heads",), self.param_dtype)
-      g = -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(
-          jnp.einsum("bte,eh->bth", x32, w_a.astype(jnp.float32)) + dt_bias.astype(jnp.float32))
+      if cfg.per_key_gate:  # KDA: a low-rank projection to one log-gate per key dim
+        w_down = P.param(self, "a_down", P.dense_init(e), (e, dv), ("embed", None),
+                         self.param_dtype)
+        w_up = P.param(self, "a_up", P.dense_init(dv), (dv, h, dk), (None, "heads", "head_dim"),
+                       self.param_dtype)
+        dt_bias = P.param(self, "dt_bias", _dt_bias_init, (h, dk), ("heads", "head_dim"),
+                          self.param_dtype)
+        pre = jnp.einsum("btr,rhk->bthk", jnp.einsum("bte,er->btr", x32, f32(w_down)), f32(w_up))
+        g = -jnp.exp(f32(a_log))[:, None] * jax.nn.softplus(pre + f32(dt_bias))
+      else:
+        w_a = P.param(self, "a", P.dense_init(e), (e, h), ("embed", "heads"), self.param_dtype)
+        dt_bias = P.param(self, "dt_bias", _dt_bias_init, (h,), ("heads",), self.param_dtype)
+        g = -jnp.exp(f32(a_log)) * jax.nn.softplus(
+            jnp.einsum("bte,eh->bth", x32, f32(w_a)) + f32(dt_bias))
     if pad is not None:  # a padding token leaves the state as it was
       beta = jnp.where(pad[..., None], 0.0, beta)
-      g = None if g is None else jnp.where(pad[..., None], 0.0, g)
+      if g is not None:
+        g = jnp.where(pad.reshape(pad.shape + (1,) * (g.ndim - 2)), 0.0, g)
 
     o = self._mix(q, k, v, beta, g, segment_ids_bt, decode)
     o = RMSNorm(1e-6, self.dtype, self.param_dtype, axis_name="head_dim", name="o_norm")(o)
@@ -241,3 +263,18 @@ class GatedDeltaNet(Mixer):
       return o[:, None]
     o, state.value = run(initial_state=state.value, output_final_state=True)
     return o
+
+
+@dataclasses.dataclass(frozen=True)
+class KDAConfig(GatedDeltaNetConfig):
+  """Options of the kda mixer: gated_deltanet's, with the per-key-dim decay (KDA) on."""
+
+  per_key_gate: bool = True
+
+
+@register_mixer("kda")
+class KDA(GatedDeltaNet):
+  """KDA (Kimi Linear): the Gated DeltaNet mixer with a per-key-dim decay (module docstring)."""
+
+  Config = KDAConfig
+  config: KDAConfig

@@ -1,6 +1,8 @@
 """The gated_deltanet mixer: config errors, packed documents, the causal convolution, and the
-refusal under sequence parallelism. (Decoding and training run with the other linear mixers in
-tests/test_linear_mixers.py and tests/test_generate.py; the op in tests/test_delta_rule.py.)"""
+convolution in a sequence-parallel layout. (Decoding and training, also of the kda mixer, run with
+the other linear mixers in tests/test_linear_mixers.py and tests/test_generate.py; the op in
+tests/test_delta_rule.py; whole models under sequence parallelism in
+tests/test_sequence_parallel.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from lctx.model import DecoderLM
     (dict(chunk_size=24), "chunk_size=24"),
     (dict(conv_size=-1), "conv_size=-1"),
     (dict(impl="cuda"), "impl='cuda'"),
+    (dict(gate=False, per_key_gate=True), "per_key_gate=True needs GatedDeltaNetConfig.gate=True"),
 ])
 def test_config_errors_name_the_field(kwargs, message):
   with pytest.raises(ValueError, match=f"GatedDeltaNetConfig.{message}"):
@@ -60,12 +63,22 @@ def test_packed_documents_equal_each_document_alone():
     np.testing.assert_allclose(packed[:, lo:hi], alone, rtol=2e-5, atol=2e-5)
 
 
-def test_sequence_parallel_is_refused_naming_the_setting():
+def test_convolution_in_layout_order_continues_across_chunks():
+  # Under sequence parallelism each layout chunk's convolution starts from the last inputs of the
+  # chunk before it in natural order: in zigzag order over 4 ranks it equals the natural-order
+  # convolution, segment masks included (a document starts exactly at chunk 3's first token).
+  from layers.gated_deltanet import layout_causal_conv
   from sharding.layout import SeqLayout
-  from sharding.plan import ExecutionPlan
-  plan = ExecutionPlan(None, SeqLayout("contiguous", 2), None, "lasp2")
-  layer = GatedDeltaNet(config=GatedDeltaNetConfig(2, chunk_size=16), d_model=16, plan=plan)
-  x = jnp.zeros((1, 32, 16))
-  with pytest.raises(ValueError, match="gated_deltanet has no sequence-parallel schedule yet: "
-                     "set SequenceParallelConfig.method='none'"):
-    layer.init(jax.random.key(0), x, positions_bt=None)
+  layout = SeqLayout("zigzag", 4)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 64, 3, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 3, 5)), jnp.float32)
+  seg = np.zeros((2, 64), np.int32)
+  seg[0, 24:], seg[1, 10:], seg[1, 37:] = 1, 1, 2
+  seg = jnp.asarray(seg)
+  want, _ = causal_conv(x, w, seg)
+  got = layout_causal_conv(layout.to_layout(x), w, layout.to_layout(seg), layout)
+  np.testing.assert_allclose(layout.from_layout(got), want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="needs layout chunks of at least 3 tokens; sequence length "
+                     "16 over 8 chunks gives 2"):
+    layout_causal_conv(x[:, :16], w, None, layout)

@@ -12,7 +12,7 @@ from lctx.generate import generate, greedy_by_recompute
 from lctx.model import DecoderLM
 from layers.registry import get_mixer
 
-MIXERS = ("linear", "lightning", "gla", "gated_deltanet")
+MIXERS = ("linear", "lightning", "gla", "gated_deltanet", "kda")
 
 
 def tiny_model(mixer, **options):
@@ -44,7 +44,7 @@ def test_config_errors_name_the_field(field, value, message):
     ("linear", {}), ("lightning", {}), ("gla", {}),
     ("gla", {"feature_map": "relu", "output_gate": True, "num_kv_heads": 1}),
     ("linear", {"feature_map": "hedgehog"}), ("lightning", {"feature_map": "sigmoid"}),
-    ("gated_deltanet", {"num_key_heads": 1}), ("gated_deltanet", {"gate": False, "conv_size": 0}),
+    ("kda", {"num_key_heads": 1}), ("gated_deltanet", {"gate": False, "conv_size": 0}),
 ])
 def test_cached_decoding_equals_recompute(mixer, options):
   model = tiny_model(mixer, **options)
