@@ -51,22 +51,8 @@ def check_delta(name, method, kind, mesh, *, b=2, h=4, hk=2, dk=5, dv=7, gate=1.
     return delta_rule(a["q"], a["k"], a["v"], a["beta"], a.get("g"), initial_state=a.get("h0"),
                       output_final_state=True, segment_ids=seg_ids, impl="reference")
 
-  def value_and_grads(f, ct):
-    out, vjp = jax.vjp(f, args)
-    return out, vjp(ct)[0]
-
   ct = (jnp.asarray(np.float32(normal(b, t, h, dv))), jnp.asarray(np.float32(normal(b, h, dk, dv))))
-  if set_mesh:
-    with jax.set_mesh(mesh):
-      got = jax.jit(lambda c: value_and_grads(ours, c))(ct)
-  else:
-    got = jax.jit(lambda c: value_and_grads(ours, c))(ct)
-  want = jax.jit(lambda c: value_and_grads(ref, c))(ct)
-  rel = lambda x, y: float(np.linalg.norm(x - y) / np.linalg.norm(y))
-  errs = jax.tree.map(rel, *jax.device_get((got, want)))
-  worst = max(jax.tree.leaves(errs))
-  assert worst <= 1e-5, (name, errs)
-  print("ok", name, f"{worst:.1e}")
+  compare(name, ours, ref, args, ct, mesh if set_mesh else None)
 """
 
 

@@ -80,14 +80,19 @@ def check(name, method, kind, mesh, *, b=2, h=4, hk=2, dk=5, dv=7, gate="vector"
     return linear_attention(a["q"], a["k"], a["v"], a.get("g"), initial_state=a.get("h0"),
                             output_final_state=final, segment_ids=seg_ids, impl="reference")
 
+  ct = jnp.asarray(np.float32(normal(b, t, h, dv)))
+  if final:
+    ct = (ct, jnp.asarray(np.float32(normal(b, h, dk, dv))))
+  compare(name, ours, ref, args, ct, mesh if set_mesh else None)
+
+
+def compare(name, ours, ref, args, ct, mesh=None):
+  # Output, final state and every gradient of `ours` (under `mesh` if given) against `ref`.
   def value_and_grads(f, ct):
     out, vjp = jax.vjp(f, args)
     return out, vjp(ct)[0]
 
-  ct = jnp.asarray(np.float32(normal(b, t, h, dv)))
-  if final:
-    ct = (ct, jnp.asarray(np.float32(normal(b, h, dk, dv))))
-  if set_mesh:
+  if mesh is not None:
     with jax.set_mesh(mesh):
       got = jax.jit(lambda c: value_and_grads(ours, c))(ct)
   else:

@@ -50,6 +50,14 @@ def to_chunks(x, n, chunk, width=None):
   return split_chunks(x, n, chunk, width).transpose(0, 3, 1, 2, 4)
 
 
+def segment_inputs(seg) -> dict:
+  """The walk inputs of the chunks' segment runs [B, N, C] (shared by the heads): as a column
+  [C, 1] and as a row [1, C] of each chunk; none without segment ids."""
+  if seg is None:
+    return {}
+  return {"seg_col": (seg[..., None], "seg"), "seg_row": (seg[..., None, :], "seg")}
+
+
 @dataclasses.dataclass(frozen=True)
 class Static:
   """Static settings of one call (hashable: a nondiff argument of the kernels' custom_vjp)."""

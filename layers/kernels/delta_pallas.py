@@ -251,10 +251,7 @@ def _chunk_inputs(q, k, v, beta, b, seg):
   if b is not None:
     ins["b"] = (b, "chunk")
     ins["bt"] = (jnp.swapaxes(b, -1, -2), "chunk")  # [B, H, N, 1, C]
-  if seg is not None:
-    ins["seg_col"] = (seg[..., None], "seg")  # [B, N, C, 1]
-    ins["seg_row"] = (seg[..., None, :], "seg")  # [B, N, 1, C]
-  return ins
+  return {**ins, **cw.segment_inputs(seg)}
 
 
 def _forward(st, q, k, v, beta, b, h0, seg, *, with_output: bool):

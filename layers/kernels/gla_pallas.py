@@ -46,10 +46,7 @@ def _chunk_inputs(st, q, k, v, b, seg):
     ins["b"] = (b, "chunk")
     if st.gate == "scalar":
       ins["bt"] = (jnp.swapaxes(b, -1, -2), "chunk")  # [B, H, N, 1, C]
-  if seg is not None:
-    ins["seg_col"] = (seg[..., None], "seg")  # [B, N, C, 1]
-    ins["seg_row"] = (seg[..., None, :], "seg")  # [B, N, 1, C]
-  return ins
+  return {**ins, **cw.segment_inputs(seg)}
 
 
 def _forward(st, q, k, v, b, h0t, seg, *, with_output: bool):
