@@ -120,16 +120,8 @@ for kind in ("contiguous", "zigzag"):
          "lasp2": lambda q: lasp2_delta_rule(*common(q), layout=layout, chunk_size=16, mesh=mesh)}
   for name, f in ops.items():
     for mode, fn in (("fwd", f), ("grad", jax.grad(lambda q: f(q).sum()))):
-      hlo = jax.jit(fn).lower(x).compile().as_text()
-      permutes, sent = collectives(hlo, "collective-permute"), np.zeros(p)
-      for nbytes, pairs in permutes:
-        for src, _ in pairs:
-          sent[int(src)] += nbytes / state_bytes
-      gathers = collectives(hlo, "all-gather")
-      print(name, kind, mode, "permutes", len(permutes), "states", *(f"{s:g}" for s in sent),
-            *(f"{op} {len(collectives(hlo, op))}" for op in ("all-gather", "reduce-scatter",
-                                                             "all-reduce")),
-            "gathered", *(n // 4 for n, _ in gathers))
+      print(name, kind, mode, communication(jax.jit(fn).lower(x).compile().as_text(), p,
+                                            state_bytes))
 try:
   zeco_delta_rule(x, x, x, x[..., 0], layout=SeqLayout("zigzag", p), chunk_size=32, mesh=mesh)
   print("no error")

@@ -105,6 +105,21 @@ def compare(name, ours, ref, args, ct, mesh=None):
   print("ok", name, f"{worst:.1e}")
 
 
+def communication(hlo, p, state_bytes):
+  # "permutes N states s_0 .. s_P-1 all-gather A reduce-scatter R all-reduce C gathered F..":
+  # the collective-permutes, the states each rank sends by them, the other collectives' counts
+  # and the floats each all-gather's result holds.
+  permutes, sent = collectives(hlo, "collective-permute"), np.zeros(p)
+  for nbytes, pairs in permutes:
+    for src, _ in pairs:
+      sent[int(src)] += nbytes / state_bytes
+  counts = [f"{op} {len(collectives(hlo, op))}" for op in ("all-gather", "reduce-scatter",
+                                                            "all-reduce")]
+  gathered = [str(n // 4) for n, _ in collectives(hlo, "all-gather")]
+  return " ".join([f"permutes {len(permutes)} states", *(f"{s:g}" for s in sent), *counts,
+                   "gathered", *gathered])
+
+
 def collectives(hlo, op):
   # (bytes per device of one operand, source_target_pairs) of every `op` in compiled HLO text.
   found = []
@@ -170,14 +185,8 @@ for kind in ("contiguous", "zigzag"):
                                            mesh=mesh)
   for name, f in (("zeco", zeco), ("lasp2", lasp2)):
     for mode, fn in (("fwd", f), ("grad", jax.grad(lambda q: f(q).sum()))):
-      hlo = jax.jit(fn).lower(x).compile().as_text()
-      permutes, sent = collectives(hlo, "collective-permute"), np.zeros(p)
-      for nbytes, pairs in permutes:
-        for src, _ in pairs:
-          sent[int(src)] += nbytes / state_bytes
-      print(name, kind, mode, "permutes", len(permutes), "states", *(f"{s:g}" for s in sent),
-            *(f"{op} {len(collectives(hlo, op))}" for op in ("all-gather", "reduce-scatter",
-                                                             "all-reduce")))
+      print(name, kind, mode, communication(jax.jit(fn).lower(x).compile().as_text(), p,
+                                            state_bytes))
 zigzag, two_shards, contiguous = SeqLayout("zigzag", p), SeqLayout("contiguous", 2), SeqLayout(
     "contiguous", p)
 for method, layout, t, extra in [("zeco", zigzag, 96, {}), ("lasp2", zigzag, 96, {}),
