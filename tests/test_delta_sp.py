@@ -112,16 +112,20 @@ check_delta("zeco-z4-kda-k4", "zeco", "zigzag", m4, dv=8, channel=True)
 b, h, dk, dv, p = 2, 2, 8, 4, 4
 mesh, state_bytes = mesh_of((p,), ("seq",)), b * h * dk * dv * 4
 x = jnp.ones((b, 32 * p, h, dk))
-for kind in ("contiguous", "zigzag"):
+common = lambda q: (q, q, q[..., :dv], q[..., 0] * 0.5, q[..., 0] - 1.0)
+# The zigzag schedules are the linear layers' (tests/test_linear_sp.py); here what the matrix
+# transition changes: ZeCO's blocks and LASP-2's gathered size (also with zigzag's two pieces).
+for name, kind, modes in (("zeco", "contiguous", ("fwd", "grad")),
+                          ("lasp2", "contiguous", ("fwd", "grad")), ("lasp2", "zigzag", ("fwd",))):
   layout = SeqLayout(kind, p)
-  common = lambda q: (q, q, q[..., :dv], q[..., 0] * 0.5, q[..., 0] - 1.0)
-  ops = {"zeco": lambda q: zeco_delta_rule(*common(q), layout=layout, chunk_size=16,
-                                           scan_blocks=4, mesh=mesh),
-         "lasp2": lambda q: lasp2_delta_rule(*common(q), layout=layout, chunk_size=16, mesh=mesh)}
-  for name, f in ops.items():
-    for mode, fn in (("fwd", f), ("grad", jax.grad(lambda q: f(q).sum()))):
-      print(name, kind, mode, communication(jax.jit(fn).lower(x).compile().as_text(), p,
-                                            state_bytes))
+  f = {"zeco": lambda q: zeco_delta_rule(*common(q), layout=layout, chunk_size=16,
+                                         scan_blocks=4, mesh=mesh),
+       "lasp2": lambda q: lasp2_delta_rule(*common(q), layout=layout, chunk_size=16,
+                                           mesh=mesh)}[name]
+  for mode in modes:
+    fn = f if mode == "fwd" else jax.grad(lambda q: f(q).sum())
+    print(name, kind, mode, communication(jax.jit(fn).lower(x).compile().as_text(), p,
+                                          state_bytes))
 try:
   zeco_delta_rule(x, x, x, x[..., 0], layout=SeqLayout("zigzag", p), chunk_size=32, mesh=mesh)
   print("no error")
@@ -129,20 +133,17 @@ except ValueError as e:
   print("error:", e)
 """)
   assert out.count("ok ") == 5, out
-  # ZeCO sends state blocks only (the transition A stays on its rank): contiguous, P-1+K-1 = 6
-  # steps, one state per rank but the last, the same back in the backward; zigzag two legs.
+  # ZeCO sends state blocks only (the transition A stays on its rank): P-1+K-1 = 6 steps, one
+  # state per rank but the last, the same back in the backward.
   none = "all-gather 0 reduce-scatter 0 all-reduce 0 gathered"
   assert f"zeco contiguous fwd permutes 6 states 1 1 1 0 {none}" in out, out
   assert f"zeco contiguous grad permutes 12 states 1 2 2 1 {none}" in out, out
-  assert f"zeco zigzag fwd permutes 12 states 1 2 2 1 {none}" in out, out
-  assert f"zeco zigzag grad permutes 24 states 2 4 4 2 {none}" in out, out
   # LASP-2: one all-gather of [M | A] per piece, P * pieces * B * H * (d_k d_v + d_k^2) floats
   # (contiguous 4 * 2 * 2 * 96, zigzag twice that); one reduce-scatter backward.
-  for kind, floats in (("contiguous", 4 * 2 * 2 * 96), ("zigzag", 8 * 2 * 2 * 96)):
-    assert (f"lasp2 {kind} fwd permutes 0 states 0 0 0 0 all-gather 1 reduce-scatter 0 "
-            f"all-reduce 0 gathered {floats}") in out, out
-    assert (f"lasp2 {kind} grad permutes 0 states 0 0 0 0 all-gather 1 reduce-scatter 1 "
-            f"all-reduce 0 gathered {floats}") in out, out
+  gathered = "permutes 0 states 0 0 0 0 all-gather 1 reduce-scatter {} all-reduce 0 gathered {}"
+  assert "lasp2 contiguous fwd " + gathered.format(0, 4 * 2 * 2 * 96) in out, out
+  assert "lasp2 contiguous grad " + gathered.format(1, 4 * 2 * 2 * 96) in out, out
+  assert "lasp2 zigzag fwd " + gathered.format(0, 8 * 2 * 2 * 96) in out, out
   assert ("error: zeco_delta_rule: sequence length 128 is not divisible by 256 (8 layout chunks "
           "x 32): SequenceParallelConfig.layout='zigzag' over MeshConfig.seq=4") in out, out
   assert "no error" not in out, out
