@@ -27,20 +27,17 @@ shard_map runner and checks are shared.
 """
 
 import functools
-import logging
 
 import jax.numpy as jnp
 from jax import lax
 
 from layers.delta_rule import check_arguments, delta_rule
 from layers.linear_attention import repeat_kv
-from layers.linear_parallel import check_mesh_and_layout, shard_pieces
+from layers.linear_parallel import check_mesh_and_layout, run_by_plan, shard_pieces
 from sharding import lasp2, specs, zeco
-from sharding.layout import call_in_natural_order
 from sharding.plan import ExecutionPlan
 
 F32 = jnp.float32
-log = logging.getLogger("lctx.sharding")
 
 
 def piece_summaries(q, k, v, beta, g, seg, flags, *, scale, impl, chunk_size):
@@ -139,16 +136,6 @@ def parallel_delta_rule(plan: ExecutionPlan | None, q, k, v, beta, g=None, *, se
                         impl="auto", chunk_size=64):
   """The (gated) delta rule of a layer, sequence-parallel when the plan says so (its linear
   layers' method: LASP-2 or ZeCO)."""
-  method = None if plan is None else plan.linear_method
-  if method is None:
-    op = lambda q, k, v, beta, g, seg: delta_rule(q, k, v, beta, g, segment_ids=seg, impl=impl,
-                                                  chunk_size=chunk_size)
-    return call_in_natural_order(None if plan is None else plan.layout, op, q, k, v, beta, g,
-                                 segment_ids, what="delta rule")
-  log.info("delta rule: sequence-parallel %s over %d ranks, %s layout", method,
-           plan.layout.shards, plan.layout.kind)
-  kwargs = dict(layout=plan.layout, mesh=plan.mesh, segment_ids=segment_ids, impl=impl,
-                chunk_size=chunk_size)
-  if method == "zeco":
-    return zeco_delta_rule(q, k, v, beta, g, scan_blocks=plan.scan_blocks, **kwargs)
-  return lasp2_delta_rule(q, k, v, beta, g, **kwargs)
+  return run_by_plan(plan, "delta rule", delta_rule,
+                     {"lasp2": lasp2_delta_rule, "zeco": zeco_delta_rule}, (q, k, v, beta, g),
+                     segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)

@@ -257,16 +257,28 @@ def zeco_linear_attention(q, k, v, g=None, *, layout, mesh, scale: float | None 
 def parallel_linear_attention(plan: ExecutionPlan | None, q, k, v, g=None, *, segment_ids=None,
                               impl="auto", chunk_size=64):
   """(Gated) linear attention of a layer, sequence-parallel when the plan says so."""
+  return run_by_plan(plan, "linear attention", linear_attention,
+                     {"lasp2": lasp2_linear_attention, "zeco": zeco_linear_attention},
+                     (q, k, v, g), segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)
+
+
+def run_by_plan(plan: ExecutionPlan | None, what, single, methods, arrays, *, segment_ids, impl,
+                chunk_size):
+  """A linear-family layer's op by its plan: methods[plan.linear_method] ("lasp2", "zeco") on the
+  layout-order `arrays`, or `single` in natural order when the plan has no linear method.
+
+  `single` and the methods take `*arrays` and segment_ids, impl and chunk_size keywords (the
+  methods also layout, mesh and, for zeco, scan_blocks). The choice is logged as `what`.
+  """
   method = None if plan is None else plan.linear_method
   if method is None:
-    op = lambda q, k, v, g, seg: linear_attention(q, k, v, g, segment_ids=seg, impl=impl,
-                                                  chunk_size=chunk_size)
-    return call_in_natural_order(None if plan is None else plan.layout, op, q, k, v, g,
-                                 segment_ids, what="linear attention")
-  log.info("linear attention: sequence-parallel %s over %d ranks, %s layout", method,
-           plan.layout.shards, plan.layout.kind)
+    op = lambda *a: single(*a[:-1], segment_ids=a[-1], impl=impl, chunk_size=chunk_size)
+    return call_in_natural_order(None if plan is None else plan.layout, op, *arrays, segment_ids,
+                                 what=what)
+  log.info("%s: sequence-parallel %s over %d ranks, %s layout", what, method, plan.layout.shards,
+           plan.layout.kind)
   kwargs = dict(layout=plan.layout, mesh=plan.mesh, segment_ids=segment_ids, impl=impl,
                 chunk_size=chunk_size)
   if method == "zeco":
-    return zeco_linear_attention(q, k, v, g, scan_blocks=plan.scan_blocks, **kwargs)
-  return lasp2_linear_attention(q, k, v, g, **kwargs)
+    kwargs["scan_blocks"] = plan.scan_blocks
+  return methods[method](*arrays, **kwargs)
