@@ -27,7 +27,8 @@ from layers import params as P
 from layers.heads import HeadsConfig
 from layers.kernels.dispatch import IMPLS
 from layers.registry import Mixer, register_mixer
-from layers.rope import apply_rope
+from layers.norms import RMSNorm
+from layers.rope import RopeScaling, apply_rope
 from layers.sink_tokens import merge_sink_tokens
 from layers.softmax_attention import KVCache, cached_attention, init_kv_cache, softmax_attention
 from layers.spiking import maybe_quantize_kv, maybe_quantize_weight, spike_input
@@ -43,9 +44,12 @@ class AttentionConfig(HeadsConfig):
     num_kv_heads: key/value heads (GQA); None means num_heads. Must divide num_heads.
     head_dim: None means d_model // num_heads.
     rope_base: RoPE base (theta); Llama 2 Long uses 5e5, ProLong 8e6.
+    rope_scaling: None, or a RopeScaling (linear, dynamic, llama3, yarn; layers/rope.py).
     use_rope: apply RoPE to q and k.
     window: sliding window; a token sees itself plus `window` earlier keys. None: full causal.
     qkv_bias: biases on the q, k, v projections.
+    qk_norm: RMSNorm over head_dim of every query and key head before RoPE (Qwen3), with
+      epsilon `qk_norm_eps`.
     impl: attention implementation, one of layers.kernels.dispatch.IMPLS ("auto" picks by
       backend).
     block_size: flash block size; None is the implementation's default.
@@ -57,7 +61,10 @@ class AttentionConfig(HeadsConfig):
   rope_base: float = 10_000.0
   use_rope: bool = True
   window: int | None = None
+  rope_scaling: RopeScaling | None = None
   qkv_bias: bool = False
+  qk_norm: bool = False
+  qk_norm_eps: float = 1e-6
   impl: str = "auto"
   block_size: int | None = None
   sinks: bool = False
@@ -77,6 +84,11 @@ class AttentionConfig(HeadsConfig):
       raise ValueError(f"AttentionConfig.block_size={self.block_size} must be >= 1 or None")
     if self.rope_base <= 1.0:
       raise ValueError(f"AttentionConfig.rope_base={self.rope_base} must be > 1")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"AttentionConfig.rope_scaling must be None or a RopeScaling, got "
+                       f"{type(self.rope_scaling).__name__}")
+    if self.qk_norm_eps <= 0:
+      raise ValueError(f"AttentionConfig.qk_norm_eps={self.qk_norm_eps} must be > 0")
 
   def resolved_head_dim(self, d_model: int) -> int:
     head_dim = super().resolved_head_dim(d_model)
@@ -115,9 +127,13 @@ class SoftmaxAttention(Mixer):
       return y
 
     q, k, v = proj("q", h, "heads"), proj("k", kh, "kv_heads"), proj("v", kh, "kv_heads")
+    if cfg.qk_norm:
+      norm = lambda name: RMSNorm(cfg.qk_norm_eps, self.dtype, self.param_dtype, "head_dim",
+                                  name=name)
+      q, k = norm("q_norm")(q), norm("k_norm")(k)
     if cfg.use_rope:
-      q = apply_rope(q, positions_bt, cfg.rope_base)
-      k = apply_rope(k, positions_bt, cfg.rope_base)
+      q = apply_rope(q, positions_bt, cfg.rope_base, cfg.rope_scaling)
+      k = apply_rope(k, positions_bt, cfg.rope_base, cfg.rope_scaling)
     q = spike_input(self, q, "attention_q", self.spiking)
     k = maybe_quantize_kv(k, self.spiking, token_axes=(0, 1))
     v = maybe_quantize_kv(v, self.spiking, token_axes=(0, 1))

@@ -58,6 +58,8 @@ class ModelConfig:
       entry uses the mixer's default Config.
     norm_eps: RMSNorm epsilon.
     tie_embeddings: the output head reuses the input embedding.
+    scale_tied_logits: with tie_embeddings, multiply the logits by d_model^-0.5 (lctx's own
+      models); imported Hugging Face models (Qwen2.5 up to 3B) use the embedding unscaled.
     dtype: compute dtype ("float32" or "bfloat16"); logits and losses are always float32.
     param_dtype: storage dtype of the parameters.
     remat: rematerialize each block in the backward pass (saves activation memory).
@@ -77,6 +79,7 @@ class ModelConfig:
   mixer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  scale_tied_logits: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False

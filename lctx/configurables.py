@@ -11,6 +11,7 @@ import gin
 
 from layers.moe import MoEConfig
 from layers.registry import available_mixers, get_mixer
+from layers.rope import RopeScaling
 from layers.spiking import SpikeConfig
 from lctx.config import ModelConfig, mixer_defaults_unchecked
 from lctx.data import DataConfig
@@ -75,7 +76,8 @@ def with_bound_subconfigs(model: ModelConfig) -> ModelConfig:
 
 for _cls in SECTIONS.values():
   register(_cls)
-for _cls in (SequenceParallelConfig, SpikeConfig, MoEConfig, LayerPattern, TaskConfig):
+for _cls in (SequenceParallelConfig, SpikeConfig, MoEConfig, LayerPattern, TaskConfig,
+             RopeScaling):
   register(_cls)
 for _name in available_mixers():
   register(get_mixer(_name).Config)

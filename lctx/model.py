@@ -99,7 +99,9 @@ class DecoderLM(nn.Module):
       x = block(cfg, i, self.plan, name=f"layer_{i}")(x, positions_bt, segment_ids_bt, decode)
     x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
     if cfg.tie_embeddings:
-      logits = jnp.einsum("bte,ve->btv", x, embedding.astype(dt)) * cfg.d_model ** -0.5
+      logits = jnp.einsum("bte,ve->btv", x, embedding.astype(dt))
+      if cfg.scale_tied_logits:
+        logits = logits * cfg.d_model ** -0.5
     else:
       head = P.param(self, "head", P.dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                      ("embed", "vocab"), pdt)
