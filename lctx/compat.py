@@ -106,6 +106,11 @@ def check_matches(saved: dict, wanted: dict, *, step: int, step_dir: str, workdi
   if found is None:
     return
   path, description = found
+  if path.startswith("opt_state") and saved and all(k.startswith("params/") for k in saved):
+    raise ValueError(f"the checkpoint at step {step} ({step_dir}) holds parameters only (an "
+                     f"imported or converted model, experiments.convert): evaluate or generate "
+                     f"from it here, or train from it in a new --workdir with "
+                     f"--gin.TrainConfig.init_from={workdir}")
   configurables = (MODEL_CONFIGURABLES + OPTIMIZER_CONFIGURABLES
                    + tuple(type(model_cfg.mixer_config(n)).__name__
                            for n in model_cfg.mixer_names()))

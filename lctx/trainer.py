@@ -17,6 +17,7 @@ from lctx.config import ModelConfig
 from lctx.data.tasks import task_vocab
 from lctx.metrics import MetricsWriter
 from lctx.optim import OptimizerConfig, make_optimizer
+from lctx.init_from import initial_state
 from lctx.restore import restore_checkpoint
 from lctx.state import ModelOnMesh, build
 from lctx.steps import all_finite, make_eval_step, make_train_step
@@ -41,6 +42,11 @@ class TrainConfig:
     keep_checkpoints: how many recent checkpoints to keep.
     unigram_batches: training batches whose byte/token frequencies define the unigram baseline.
     seed: parameter-init seed.
+    init_from: start a fresh run (no checkpoint in the workdir yet) from a Hugging Face model
+      directory, a converted workdir or another run's workdir ("path" or "path@step");
+      lctx/init_from.py. Empty: random initialisation. A resumed run ignores it.
+    init_optimizer_state: with init_from a run's workdir, carry its optimizer state over too
+      (the learning-rate schedule restarts; the step counter starts at 0 either way).
     progress_bar: show a tqdm progress bar.
   """
 
@@ -54,6 +60,8 @@ class TrainConfig:
   keep_checkpoints: int = 3
   unigram_batches: int = 32
   seed: int = 0
+  init_from: str = ""
+  init_optimizer_state: bool = False
   progress_bar: bool = True
 
   def __post_init__(self):
@@ -63,6 +71,9 @@ class TrainConfig:
       value = getattr(self, name)
       if value < 1:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
+    if self.init_optimizer_state and not self.init_from:
+      raise ValueError("TrainConfig.init_optimizer_state=True needs TrainConfig.init_from (the "
+                       "run whose optimizer state to carry over)")
     if self.eval_every < 0:
       raise ValueError(f"TrainConfig.eval_every must be >= 0, got {self.eval_every}")
 
@@ -165,7 +176,10 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
     raise
   if jax.process_index() == 0:
     write_operative_config(workdir, gin_text)
-  if restored is None:
+  if restored is None and train_cfg.init_from:
+    start, state = 0, initial_state(m, model_cfg, train_cfg.init_from,
+                                              train_cfg.init_optimizer_state)
+  elif restored is None:
     start, state = 0, m.init_state(train_cfg.seed)
   else:
     start, state = restored

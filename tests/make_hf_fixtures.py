@@ -10,7 +10,8 @@ fixed prompts (expected.npz), so the suite checks lctx's import against the orig
   qwen2    q/k/v biases, tied embeddings, yarn RoPE scaling, bfloat16 tensors
   mistral  sliding window, sharded safetensors with an index, float16 tensors
   qwen3    q/k norms, an explicit head_dim wider than hidden / heads, dynamic NTK RoPE
-rope.json holds transformers' inverse frequencies (and attention factor) for every supported
+qwen2 also gets a character-level tokenizer.json of 73 tokens (fewer than its 96 embedding rows,
+as Qwen's tokenizer has fewer ids than its embedding). rope.json holds transformers' inverse frequencies (and attention factor) for every supported
 rope type, for the RoPE unit test.
 """
 
@@ -90,6 +91,16 @@ def make_family(name, out):
   print(f"{name}: {sorted(os.listdir(path))}")
 
 
+def make_tokenizer(path):
+  import string
+  import tokenizers
+  chars = ["?"] + sorted(set(string.ascii_letters + string.digits + " .,!'-:;()"))
+  vocab = {c: i for i, c in enumerate(chars)}
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="?"))
+  tok.decoder = tokenizers.decoders.Fuse()
+  tok.save(os.path.join(path, "tokenizer.json"))
+
+
 def make_rope(out):
   cases = {}
   for label, scaling in ROPE_CASES.items():
@@ -119,6 +130,7 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   for name in FAMILIES:
     make_family(name, args.out)
+  make_tokenizer(os.path.join(args.out, "qwen2"))
   make_rope(args.out)
 
 

@@ -1,0 +1,126 @@
+"""Checkpoint conversion between Hugging Face model directories and lctx workdirs.
+
+  python -m experiments.convert --from_hf=DIR --workdir=W
+      W/checkpoints/0: the parameters (an orbax checkpoint of step 0, parameters only);
+      W/model.gin: the ModelConfig (and DataConfig.tokenizer when DIR has a tokenizer.json,
+      copied to W), so `python -m experiments.run --gin_file=W/model.gin --workdir=W
+      --gin.RunConfig.mode=generate` (or eval) runs the imported model.
+  python -m experiments.convert --to_hf=OUT --workdir=W [--step=N] [--gin_file=F ...]
+      OUT: config.json, safetensors and W's tokenizer files; the model is read from W/model.gin,
+      else W/config.gin (a training run's operative config), else the --gin_file files; the
+      newest readable checkpoint (or step N).
+
+Exit status: 0 done; 2 a bad flag, file or checkpoint (the message names it), before anything is
+written.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+import jax
+
+MODEL_GIN = "model.gin"
+
+
+def _log(message: str) -> None:
+  print(message, flush=True)
+
+
+def import_hf(source: str, workdir: str) -> None:
+  from lctx.checkpoint import Checkpointer
+  from lctx.convert import hf
+  from lctx.convert.model_gin import model_gin
+  from lctx.workdir import WorkdirLock, prepare
+  from sharding.mesh import MeshConfig, make_mesh
+
+  hf.read_config(source)  # a missing directory or config fails before the workdir is made
+  workdir = prepare(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise ValueError(f"--workdir={workdir} already holds checkpoints ({ckpt_dir}); convert into "
+                     "a new workdir")
+  with WorkdirLock(workdir):
+    mesh = make_mesh(MeshConfig())
+    cfg, params = hf.load_pretrained(source, mesh=mesh)
+    tokenizer = None
+    if os.path.exists(os.path.join(source, "tokenizer.json")):
+      for name in hf.TOKENIZER_FILES:
+        if os.path.exists(os.path.join(source, name)):
+          shutil.copy(os.path.join(source, name), os.path.join(workdir, name))
+      tokenizer = os.path.join(workdir, "tokenizer.json")
+    ckpt = Checkpointer(ckpt_dir)
+    try:
+      ckpt.save(0, {"params": params}, {})
+    finally:
+      ckpt.close()
+    text = model_gin(cfg, tokenizer=tokenizer,
+                     header=f"Imported from {os.path.abspath(source)} by experiments.convert.")
+    with open(os.path.join(workdir, MODEL_GIN), "w") as f:
+      f.write(text)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  _log(f"imported {n:,} parameters ({cfg.param_dtype}) from {source}")
+  _log(f"  checkpoint:  {ckpt_dir}/0 (parameters only)")
+  _log(f"  model:       {os.path.join(workdir, MODEL_GIN)}")
+  _log(f"  generate:    python -m experiments.run --gin_file={os.path.join(workdir, MODEL_GIN)} "
+       f"--workdir={workdir} --gin.RunConfig.mode=generate")
+
+
+def export_hf(out: str, workdir: str, step: int | None, gin_files: list[str]) -> None:
+  from experiments.run import load_configs
+  from lctx.checkpoint import Checkpointer
+  from lctx.convert import hf
+  from lctx.state import build
+  from sharding.mesh import make_mesh
+  import optax
+
+  files = [os.path.join(workdir, name) for name in (MODEL_GIN, "config.gin")
+           if os.path.exists(os.path.join(workdir, name))][:1] or gin_files
+  if not files:
+    raise ValueError(f"--workdir={workdir} has no {MODEL_GIN} or config.gin; give the model's "
+                     "--gin_file")
+  configs = load_configs(files, [])
+  cfg = configs["model"]
+  hf.config_to_hf(cfg)  # a layout transformers cannot hold fails before any array is read
+  m = build(cfg, make_mesh(configs["mesh"]), optax.identity())
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ValueError(f"--workdir={workdir}: no checkpoint in {ckpt.directory}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ValueError(f"--step={step}: {ckpt.directory} holds steps {steps}")
+    params = ckpt.restore_params(m.abstract_params, step)
+  finally:
+    ckpt.close()
+  written = hf.save_pretrained(out, cfg, params, tokenizer_dir=workdir)
+  _log(f"exported step {step} of {workdir} to {out}: {', '.join(written)}")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  direction = parser.add_mutually_exclusive_group(required=True)
+  direction.add_argument("--from_hf", help="a Hugging Face model directory to import")
+  direction.add_argument("--to_hf", help="the directory to export to")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--step", type=int, default=None, help="the checkpoint step to export")
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="the model's gin files, when the workdir has no model.gin/config.gin")
+  args = parser.parse_args(argv)
+  try:
+    if args.from_hf:
+      import_hf(args.from_hf, args.workdir)
+    else:
+      export_hf(args.to_hf, args.workdir, args.step, args.gin_file)
+  except ValueError as e:  # ConversionError, CheckpointFileError and bad settings
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
