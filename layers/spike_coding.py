@@ -22,7 +22,9 @@ binary/ternary T = max(1, m); sign_magnitude T = max(1, ceil(log2(m + 1)));
 twos_complement T = max(2, ceil(log2(m + 1)) + 1).
 
 Counts are handled as int32 (float counts are rounded), so they must fit in int32; step weights of
-the bitwise codings must fit too, which limits their decoding to T <= 31.
+the bitwise codings must fit too, which limits sign-magnitude decoding to T <= 31 (weights up to
+2^30) and two's complement to T <= 32 (its top weight is -2^31, int32's minimum), exactly the T that
+`required_time_steps` picks for the largest int32 counts.
 """
 
 import functools
@@ -37,8 +39,9 @@ CODINGS = ("binary", "ternary", "sign_magnitude", "twos_complement")
 _BITWISE = ("sign_magnitude", "twos_complement")
 _INT_MAX = np.iinfo(np.int32).max
 _INT_MIN = np.iinfo(np.int32).min
-# Bitwise step weights 2^(T-1) must fit in int32.
-_MAX_BITWISE_STEPS = 31
+# Bitwise step weights must fit in int32: 2^(T-1) for sign-magnitude, -2^(T-1) for the top step
+# of two's complement.
+_MAX_BITWISE_STEPS = {"sign_magnitude": 31, "twos_complement": 32}
 
 
 def _check_coding(coding: str) -> None:
@@ -109,7 +112,11 @@ def time_steps_for(counts, coding: str) -> int:
   if coding == "binary" and c.size and c.min() < 0:
     raise ValueError(f"coding='binary' cannot represent negative counts (min {int(c.min())}); "
                      "use a signed coding or a fixed time_steps, which saturates them to 0")
-  m = int(np.abs(c.astype(np.int64)).max()) if c.size else 0
+  c64 = c.astype(np.int64)
+  m = int(np.abs(c64).max()) if c.size else 0
+  if coding == "twos_complement" and c.size:
+    # -2^k needs only k + 1 steps, as 2^k - 1 does (int32's minimum fits in 32).
+    m = int(max(c64.max(), -c64.min() - 1, 0))
   return required_time_steps(m, coding)
 
 
@@ -185,9 +192,9 @@ def step_weights(coding: str, time_steps: int) -> jax.Array:
   t_steps = _check_static_steps(time_steps)
   if coding in ("binary", "ternary"):
     return jnp.ones((t_steps,), jnp.int32)
-  if t_steps > _MAX_BITWISE_STEPS:
+  if t_steps > _MAX_BITWISE_STEPS[coding]:
     raise ValueError(f"time_steps={t_steps} is too many for coding={coding!r}: its step weights "
-                     f"must fit in int32 (at most {_MAX_BITWISE_STEPS} steps)")
+                     f"must fit in int32 (at most {_MAX_BITWISE_STEPS[coding]} steps)")
   w = [1 << (t_steps - 1 - t) for t in range(t_steps)]
   if coding == "twos_complement":
     w[0] = -w[0]

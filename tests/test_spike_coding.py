@@ -133,8 +133,21 @@ def test_step_weights():
   np.testing.assert_array_equal(sc.step_weights("binary", 1), [1])
   with pytest.raises(ValueError, match="time_steps=32"):
     sc.step_weights("sign_magnitude", 32)
+  with pytest.raises(ValueError, match="time_steps=33"):
+    sc.step_weights("twos_complement", 33)
   with pytest.raises(ValueError, match="time_steps=0"):
     sc.step_weights("ternary", 0)
+
+
+@pytest.mark.parametrize("coding", ["sign_magnitude", "twos_complement"])
+def test_the_chosen_time_steps_decode_the_largest_counts(coding):
+  """The T picked for |counts| >= 2^30 (32 for two's complement) decodes its own train."""
+  counts = np.array([2**31 - 1, -(2**31 - 1), 2**30, -(2**30), 5, 0], np.int32)
+  if coding == "twos_complement":
+    counts = np.append(counts, np.int32(-(2**31)))
+  t = sc.time_steps_for(counts, coding)
+  assert t == (32 if coding == "twos_complement" else 31)
+  np.testing.assert_array_equal(sc.decode(sc.encode(counts, coding, t), coding), counts)
 
 
 @pytest.mark.parametrize("coding", sc.CODINGS)
