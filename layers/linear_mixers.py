@@ -84,10 +84,16 @@ class LightningConfig(LinearAttentionConfig):
 
 @dataclasses.dataclass(frozen=True)
 class GLAConfig(LinearAttentionConfig):
-  """LinearAttentionConfig plus the low-rank gate: rank `gate_rank` (16) and temperature `gate_tau`."""
+  """LinearAttentionConfig plus the low-rank gate: rank `gate_rank` (16) and temperature `gate_tau`.
+
+  gate_per_kv_head: the gate's up-projection emits one gate per KEY/VALUE head, shared by that
+    head's query group (SpikingBrain-7B's layout: 16 -> num_kv_heads * d_k); otherwise one per
+    query head.
+  """
 
   gate_rank: int = 16
   gate_tau: float = 16.0
+  gate_per_kv_head: bool = False
 
   def __post_init__(self):
     super().__post_init__()
@@ -209,12 +215,16 @@ class GLA(_LinearMixer):
     cfg, e = self.config, self.d_model
     w1 = P.param(self, "gate_down", P.dense_init(e), (e, cfg.gate_rank), ("embed", None),
                  self.param_dtype)
-    w2 = P.param(self, "gate_up", P.dense_init(cfg.gate_rank), (cfg.gate_rank, num_heads, key_dim),
-                 (None, "heads", "head_dim"), self.param_dtype)
+    gate_heads, axis = ((cfg.kv_heads, "kv_heads") if cfg.gate_per_kv_head else
+                        (num_heads, "heads"))
+    w2 = P.param(self, "gate_up", P.dense_init(cfg.gate_rank),
+                 (cfg.gate_rank, gate_heads, key_dim), (None, axis, "head_dim"), self.param_dtype)
     w1 = maybe_quantize_weight(w1, self.spiking, fan_in_axes=(0,))
     w2 = maybe_quantize_weight(w2, self.spiking, fan_in_axes=(0,))
-    bias = P.param(self, "gate_bias", nn.initializers.zeros, (num_heads, key_dim),
-                   ("heads", "head_dim"), self.param_dtype)
+    bias = P.param(self, "gate_bias", nn.initializers.zeros, (gate_heads, key_dim),
+                   (axis, "head_dim"), self.param_dtype)
     z = jnp.einsum("bte,er,rhd->bthd", x_bte.astype(jnp.float32), w1.astype(jnp.float32),
                    w2.astype(jnp.float32)) + bias.astype(jnp.float32)
+    if gate_heads != num_heads:  # query head h uses kv head h // group, as the keys do
+      z = jnp.repeat(z, num_heads // gate_heads, axis=2)
     return jax.nn.log_sigmoid(z) / cfg.gate_tau

@@ -1,5 +1,6 @@
 """The linear-attention mixers inside the model: configs, decay schedule, decoding, training."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +80,27 @@ def test_model_with_each_mixer_trains(mixer):
     params, opt_state, loss = step(params, opt_state)
     losses.append(float(loss))
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+
+
+def test_gla_gate_per_kv_head_is_the_query_gate_repeated_over_each_group():
+  """gate_per_kv_head (SpikingBrain-7B) equals the per-query-head gate whose up-projection and
+  bias repeat each kv head's columns over its query group."""
+  shared = DecoderLM(ModelConfig(vocab_size=32, d_model=32, num_layers=1, d_ff=64, mixers="gla",
+                                 mixer_options={"gla": GLAConfig(num_heads=4, num_kv_heads=2,
+                                                                 chunk_size=16,
+                                                                 gate_per_kv_head=True)}))
+  per_query = DecoderLM(ModelConfig(vocab_size=32, d_model=32, num_layers=1, d_ff=64,
+                                    mixers="gla",
+                                    mixer_options={"gla": GLAConfig(num_heads=4, num_kv_heads=2,
+                                                                    chunk_size=16)}))
+  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 32)
+  params = nn.unbox(shared.init(jax.random.key(0), tokens)["params"])
+  mixer = dict(params["layer_0"]["mixer"])
+  assert mixer["gate_up"].shape == (16, 2, 8) and mixer["gate_bias"].shape == (2, 8)
+  mixer["gate_bias"] = jax.random.normal(jax.random.key(2), (2, 8))
+  params = {**params, "layer_0": {**params["layer_0"], "mixer": mixer}}
+  wide = {**params, "layer_0": {**params["layer_0"]}}
+  wide["layer_0"]["mixer"] = dict(mixer, gate_up=jnp.repeat(mixer["gate_up"], 2, axis=1),
+                                  gate_bias=jnp.repeat(mixer["gate_bias"], 2, axis=0))
+  np.testing.assert_allclose(shared.apply({"params": params}, tokens),
+                             per_query.apply({"params": wide}, tokens), rtol=1e-6, atol=1e-6)

@@ -79,8 +79,9 @@ def test_spikingbrain_7b_parameter_count():
   attention = _attention_params(d, 28, 4, 128)
   qwen = 2 * v * d + d + layers * (attention + 3 * d * f + 2 * d)
   assert qwen == 7_615_616_512  # Qwen2.5-7B (untied), whose weights SpikingBrain-7B reuses
-  gla_extra = d * 16 + 16 * 28 * 128 + 28 * 128 + 128  # low-rank gate, its bias, o_norm
-  assert _param_count(cfg) == qwen + 14 * gla_extra == 7_617_274_112
+  # The low-rank gate (one gate per kv head: 16 -> 4 * 128), its bias and o_norm.
+  gla_extra = d * 16 + 16 * 4 * 128 + 4 * 128 + 128
+  assert _param_count(cfg) == qwen + 14 * gla_extra == 7_616_542_976
 
 
 def test_spikingbrain_76b_style_parameter_count():
