@@ -5,6 +5,10 @@
       W/model.gin: the ModelConfig (and DataConfig.tokenizer when DIR has a tokenizer.json,
       copied to W), so `python -m experiments.run --gin_file=W/model.gin --workdir=W
       --gin.RunConfig.mode=generate` (or eval) runs the imported model.
+  python -m experiments.convert --from_hf=DIR --to_layout=gin/models/spikingbrain_7b.gin --workdir=W
+      the same, converted to the layout's hybrid (lctx/convert/hybrid.py): its mixers per layer,
+      the dense model's sizes; W/model.gin configures the hybrid, and the new parameters are
+      listed.
   python -m experiments.convert --to_hf=OUT --workdir=W [--step=N] [--gin_file=F ...]
       OUT: config.json, safetensors and W's tokenizer files; the model is read from W/model.gin,
       else W/config.gin (a training run's operative config), else the --gin_file files; the
@@ -28,7 +32,13 @@ def _log(message: str) -> None:
   print(message, flush=True)
 
 
-def import_hf(source: str, workdir: str) -> None:
+def _layout(path: str, depth: int):
+  """The ModelConfig of a layout gin file, its LayerPattern expanded to `depth` layers."""
+  from experiments.run import load_configs
+  return load_configs([path], [f"ModelConfig.num_layers = {depth}"])["model"]
+
+
+def import_hf(source: str, workdir: str, layout: str | None = None) -> None:
   from lctx.checkpoint import Checkpointer
   from lctx.convert import hf
   from lctx.convert.model_gin import model_gin
@@ -44,6 +54,12 @@ def import_hf(source: str, workdir: str) -> None:
   with WorkdirLock(workdir):
     mesh = make_mesh(MeshConfig())
     cfg, params = hf.load_pretrained(source, mesh=mesh)
+    new = None
+    if layout:
+      from lctx.convert import hybrid
+      dense = cfg
+      cfg = hybrid.hybrid_config(dense, _layout(layout, dense.num_layers), layout)
+      params, new = hybrid.convert_params(dense, params, cfg)
     tokenizer = None
     if os.path.exists(os.path.join(source, "tokenizer.json")):
       for name in hf.TOKENIZER_FILES:
@@ -55,12 +71,16 @@ def import_hf(source: str, workdir: str) -> None:
       ckpt.save(0, {"params": params}, {})
     finally:
       ckpt.close()
+    how = f" and converted to the layout {layout}" if layout else ""
     text = model_gin(cfg, tokenizer=tokenizer,
-                     header=f"Imported from {os.path.abspath(source)} by experiments.convert.")
+                     header=f"Imported from {os.path.abspath(source)}{how} by experiments.convert.")
     with open(os.path.join(workdir, MODEL_GIN), "w") as f:
       f.write(text)
   n = sum(x.size for x in jax.tree.leaves(params))
   _log(f"imported {n:,} parameters ({cfg.param_dtype}) from {source}")
+  if new is not None:
+    _log(f"converted to {layout}: mixers {cfg.layer_mixers()}; new parameters: "
+         f"{', '.join(new) or 'none'}")
   _log(f"  checkpoint:  {ckpt_dir}/0 (parameters only)")
   _log(f"  model:       {os.path.join(workdir, MODEL_GIN)}")
   _log(f"  generate:    python -m experiments.run --gin_file={os.path.join(workdir, MODEL_GIN)} "
@@ -107,13 +127,17 @@ def main(argv=None) -> int:
   direction.add_argument("--from_hf", help="a Hugging Face model directory to import")
   direction.add_argument("--to_hf", help="the directory to export to")
   parser.add_argument("--workdir", required=True)
+  parser.add_argument("--to_layout", default=None,
+                      help="with --from_hf: a gin model file whose mixers the import becomes")
   parser.add_argument("--step", type=int, default=None, help="the checkpoint step to export")
   parser.add_argument("--gin_file", action="append", default=[],
                       help="the model's gin files, when the workdir has no model.gin/config.gin")
   args = parser.parse_args(argv)
   try:
+    if args.to_layout and not args.from_hf:
+      raise ValueError("--to_layout goes with --from_hf")
     if args.from_hf:
-      import_hf(args.from_hf, args.workdir)
+      import_hf(args.from_hf, args.workdir, args.to_layout)
     else:
       export_hf(args.to_hf, args.workdir, args.step, args.gin_file)
   except ValueError as e:  # ConversionError, CheckpointFileError and bad settings

@@ -1,0 +1,87 @@
+"""Dense-to-hybrid conversion (lctx/convert/hybrid.py, experiments.convert --to_layout)."""
+
+import contextlib
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import convert
+from experiments.run import load_configs
+from lctx.convert import hf, hybrid
+from lctx.model import DecoderLM
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "hf")
+
+
+def _layout(path, depth):
+  return load_configs([path], [f"ModelConfig.num_layers = {depth}"])["model"]
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): x
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_spikingbrain_layout_reuses_every_dense_tensor_bit_exactly():
+  dense, params = hf.load_pretrained(os.path.join(DATA, "qwen2"))
+  cfg = hybrid.hybrid_config(dense, _layout("gin/models/spikingbrain_7b.gin", 2), "layout")
+  assert cfg.layer_mixers() == ("gla", "swa")
+  gla, swa = cfg.mixer_config("gla"), cfg.mixer_config("swa")
+  att = dense.mixer_config("attention")
+  assert (gla.num_heads, gla.kv_heads, gla.head_dim, gla.qkv_bias) == (4, 2, 8, True)
+  assert gla.gate_per_kv_head and gla.feature_map == "relu"  # from the layout
+  assert swa.window == 4096 and swa.rope_scaling == att.rope_scaling
+  assert (cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.tie_embeddings) == (96, 32, 64, True)
+  out, new = hybrid.convert_params(dense, params, cfg)
+  assert sorted(new) == ["layer_0/mixer/gate_bias", "layer_0/mixer/gate_down",
+                         "layer_0/mixer/gate_up", "layer_0/mixer/o_norm/scale"]
+  flat, src = _flat(out), _flat(params)
+  for path, value in src.items():
+    assert flat[path].dtype == value.dtype
+    np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(value), err_msg=path)
+  # SpikingBrain's new-layer init: xavier-uniform with gain 2^-2.5, zero gate bias, unit norm.
+  up = np.asarray(flat["layer_0/mixer/gate_up"], np.float32)  # [16, kv heads, d]
+  bound = 2 ** -2.5 * (6 / (16 + 2 * 8)) ** 0.5
+  assert 0.5 * bound < np.abs(up).max() <= bound * 1.01
+  assert not np.asarray(flat["layer_0/mixer/gate_bias"], np.float32).any()
+  np.testing.assert_array_equal(np.asarray(flat["layer_0/mixer/o_norm/scale"], np.float32), 1.0)
+  # The converted model runs.
+  logits = DecoderLM(cfg).apply({"params": out}, jnp.zeros((1, 8), jnp.int32))
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_convert_cli_writes_a_hybrid_workdir_that_generates(tmp_path):
+  workdir = str(tmp_path / "hybrid")
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = convert.main([f"--from_hf={os.path.join(DATA, 'qwen2')}",
+                         "--to_layout=gin/models/spikingbrain_7b.gin", f"--workdir={workdir}"])
+  assert code == 0, err.getvalue()
+  assert "mixers ('gla', 'swa'); new parameters: layer_0/mixer/gate_bias" in out.getvalue()
+  configs = load_configs([os.path.join(workdir, "model.gin")], [])
+  assert configs["model"].layer_mixers() == ("gla", "swa")
+  from experiments.run import main as run_main
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = run_main([f"--gin_file={os.path.join(workdir, 'model.gin')}", f"--workdir={workdir}",
+                     "--gin.RunConfig.mode=generate", "--gin.GenerateConfig.max_new_tokens=3",
+                     "--gin.GenerateConfig.prompt='Hi'"])
+  assert code == 0, err.getvalue()
+
+
+def test_layouts_that_do_not_fit_are_named():
+  dense, params = hf.load_pretrained(os.path.join(DATA, "llama"))
+  with pytest.raises(hybrid.LayoutError, match="lay.gin: the layout has 3 layers, the imported "
+                                               "model 2"):
+    hybrid.hybrid_config(dense, _layout("gin/models/tiny.gin", 3), "lay.gin")
+  gdn = load_configs(["gin/models/tiny.gin"], ["ModelConfig.num_layers = 2",
+                                               "ModelConfig.mixers = ('gated_deltanet', "
+                                               "'attention')"])["model"]
+  with pytest.raises(hybrid.LayoutError, match=r"mixers \['gated_deltanet'\] cannot reuse"):
+    hybrid.hybrid_config(dense, gdn, "lay.gin")
+  qwen3, _ = hf.load_pretrained(os.path.join(DATA, "qwen3"))
+  with pytest.raises(hybrid.LayoutError, match="q/k norms"):
+    hybrid.hybrid_config(qwen3, _layout("gin/models/spikingbrain_7b.gin", 2), "lay.gin")
