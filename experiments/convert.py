@@ -106,13 +106,7 @@ def export_hf(out: str, workdir: str, step: int | None, gin_files: list[str]) ->
   m = build(cfg, make_mesh(configs["mesh"]), optax.identity())
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ValueError(f"--workdir={workdir}: no checkpoint in {ckpt.directory}")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise ValueError(f"--step={step}: {ckpt.directory} holds steps {steps}")
+    step = ckpt.choose_step(step, f"--workdir={workdir}" if step is None else f"--step={step}")
     params = ckpt.restore_params(m.abstract_params, step)
   finally:
     ckpt.close()

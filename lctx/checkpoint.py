@@ -106,6 +106,17 @@ class Checkpointer:
                        f"({_reason(e)}); the earlier checkpoints {self.all_steps()} are "
                        f"kept") from e
 
+  def choose_step(self, step: int | None, setting: str) -> int:
+    """`step` if saved here (None: the newest); ValueError naming `setting` otherwise."""
+    steps = self.all_steps()
+    if not steps:
+      raise ValueError(f"{setting}: no checkpoint in {self.directory}")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise ValueError(f"{setting}: {self.directory} holds steps {steps}, not {step}")
+    return step
+
   def tree_signature(self, step: int) -> dict:
     """{path: shape} of the saved train state, from its metadata (no arrays are read)."""
     try:

@@ -60,14 +60,7 @@ def _from_workdir(path: str, step, m: ModelOnMesh, carry_optimizer: bool, source
                      f"Hugging Face model) nor checkpoints/ (an lctx workdir)")
   ckpt = Checkpointer(directory)
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ValueError(f"TrainConfig.init_from={source}: no checkpoint in {directory}")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise ValueError(f"TrainConfig.init_from={source}: {directory} holds steps {steps}, not "
-                       f"{step}")
+    step = ckpt.choose_step(step, f"TrainConfig.init_from={source}")
     saved = ckpt.tree_signature(step)
     _check_tree({k: v for k, v in saved.items() if k.startswith("params/")}, m, source)
     if not carry_optimizer:

@@ -70,9 +70,9 @@ def test_rope_frequencies_match_transformers():
     cases = json.load(f)["cases"]
   for label, case in cases.items():
     s = case["scaling"]
-    scaling = None if s is None else hf._rope_settings(
+    scaling = None if s is None else hf.rope_settings(
         {"rope_scaling": s, "rope_theta": case["base"], "max_position_embeddings":
-         case["max_position"]}, case["head_dim"], label)[1]
+         case["max_position"]}, label)[1]
     inv = rope_frequencies(case["head_dim"], case["base"], scaling, max_position=10)
     np.testing.assert_allclose(inv, case["inv_freq"], rtol=2e-6, err_msg=label)
     factor = 1.0 if scaling is None else scaling.cos_sin_factor()

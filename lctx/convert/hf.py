@@ -80,7 +80,9 @@ def family_of(hf: dict, where: str) -> str:
   return known[0]
 
 
-def _rope_settings(hf: dict, head_dim: int, where: str) -> tuple[float, RopeScaling | None]:
+def rope_settings(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
+  """(rope_theta, RopeScaling or None) of a config.json dict (legacy rope_scaling or
+  transformers 5's rope_parameters)."""
   params, legacy = hf.get("rope_parameters"), hf.get("rope_scaling")
   kind_of = lambda d: d.get("rope_type", d.get("type", "default"))
   if isinstance(params, dict) and "rope_theta" in params:  # transformers 5
@@ -143,7 +145,7 @@ def config_from_hf(hf: dict, where: str = CONFIG, *, param_dtype: str = "float32
                           "max_window_layers) is not supported")
   d_model, heads = need("hidden_size"), need("num_attention_heads")
   head_dim = hf.get("head_dim") or d_model // heads
-  rope_base, scaling = _rope_settings(hf, head_dim, where)
+  rope_base, scaling = rope_settings(hf, where)
   window = None
   if family == "mistral" and hf.get("sliding_window"):
     window = int(hf["sliding_window"]) - 1
@@ -332,13 +334,11 @@ def load_pretrained(directory: str, *, mesh=None, param_dtype: str | None = None
   an unknown architecture or rope scaling, and a tensor whose shape disagrees with config.json.
   """
   where = os.path.join(directory, CONFIG)
-  hf = read_config(directory)
-  family_of(hf, where)
+  cfg = config_from_hf(read_config(directory), where, dtype=dtype)  # before any tensor is read
   try:
     index = st.TensorIndex(directory)
   except st.CheckpointFileError as e:
     raise ConversionError(str(e)) from None
-  cfg = config_from_hf(hf, where, dtype=dtype)
   mappings = tensor_map(cfg)
   missing = [m.hf for m in mappings if m.hf not in index]
   if missing:
