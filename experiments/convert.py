@@ -20,7 +20,6 @@ written.
 
 import argparse
 import os
-import shutil
 import sys
 
 import jax
@@ -60,12 +59,8 @@ def import_hf(source: str, workdir: str, layout: str | None = None) -> None:
       dense = cfg
       cfg = hybrid.hybrid_config(dense, _layout(layout, dense.num_layers), layout)
       params, new = hybrid.convert_params(dense, params, cfg)
-    tokenizer = None
-    if os.path.exists(os.path.join(source, "tokenizer.json")):
-      for name in hf.TOKENIZER_FILES:
-        if os.path.exists(os.path.join(source, name)):
-          shutil.copy(os.path.join(source, name), os.path.join(workdir, name))
-      tokenizer = os.path.join(workdir, "tokenizer.json")
+    copied = hf.copy_tokenizer_files(source, workdir)
+    tokenizer = os.path.join(workdir, "tokenizer.json") if "tokenizer.json" in copied else None
     ckpt = Checkpointer(ckpt_dir)
     try:
       ckpt.save(0, {"params": params}, {})

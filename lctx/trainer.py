@@ -15,9 +15,9 @@ from lctx import evaluate
 from lctx.checkpoint import Checkpointer
 from lctx.config import ModelConfig
 from lctx.data.tasks import task_vocab
+from lctx.init_from import initial_state
 from lctx.metrics import MetricsWriter
 from lctx.optim import OptimizerConfig, make_optimizer
-from lctx.init_from import initial_state
 from lctx.restore import restore_checkpoint
 from lctx.state import ModelOnMesh, build
 from lctx.steps import all_finite, make_eval_step, make_train_step

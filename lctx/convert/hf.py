@@ -413,11 +413,15 @@ def save_pretrained(out: str, cfg: ModelConfig, params: dict, *,
                 indent=2)
   with open(os.path.join(out, CONFIG), "w") as f:
     json.dump(hf, f, indent=2)
-  copied = []
-  if tokenizer_dir:
-    for name in TOKENIZER_FILES:
-      src = os.path.join(tokenizer_dir, name)
-      if os.path.exists(src):
-        shutil.copy(src, os.path.join(out, name))
-        copied.append(name)
+  copied = copy_tokenizer_files(tokenizer_dir, out) if tokenizer_dir else []
   return [CONFIG] + names + ([st.INDEX] if len(groups) > 1 else []) + copied
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+  """Copies the TOKENIZER_FILES that `src` has into `dst`; returns their names."""
+  copied = []
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(src, name)):
+      shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+      copied.append(name)
+  return copied

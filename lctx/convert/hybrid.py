@@ -81,7 +81,7 @@ def convert_params(dense: ModelConfig, dense_params: dict, hybrid: ModelConfig,
   flat_dense = {tuple(k.key for k in path): leaf
                 for path, leaf in jax.tree_util.tree_leaves_with_path(dense_params)}
   used, new = set(), []
-  keys = iter(jax.random.split(jax.random.key(seed + 1), 1 << 12))
+  new_key = jax.random.key(seed + 1)
 
   def pick(path, leaf):
     key = tuple(k.key for k in path)
@@ -93,7 +93,7 @@ def convert_params(dense: ModelConfig, dense_params: dict, hybrid: ModelConfig,
       used.add(key)
       return src.astype(leaf.dtype)
     new.append("/".join(key))
-    value = _new_init(key, leaf, next(keys))
+    value = _new_init(key, leaf, jax.random.fold_in(new_key, len(new)))
     return leaf if value is None else value
 
   params = jax.tree_util.tree_map_with_path(pick, fresh)
