@@ -15,7 +15,7 @@ from layers.rope import RopeScaling
 from layers.spiking import SpikeConfig
 from lctx.config import ModelConfig, mixer_defaults_unchecked
 from lctx.data import DataConfig
-from lctx.data.config import TaskConfig
+from lctx.data.config import SourceConfig, TaskConfig
 from lctx.evals.doc_loss import DocLossConfig
 from lctx.evals.longeval import LongEvalConfig
 from lctx.generate import GenerateConfig
@@ -77,7 +77,7 @@ def with_bound_subconfigs(model: ModelConfig) -> ModelConfig:
 for _cls in SECTIONS.values():
   register(_cls)
 for _cls in (SequenceParallelConfig, SpikeConfig, MoEConfig, LayerPattern, TaskConfig,
-             RopeScaling):
+             SourceConfig, RopeScaling):
   register(_cls)
 for _name in available_mixers():
   register(get_mixer(_name).Config)

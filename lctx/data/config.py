@@ -12,8 +12,13 @@ import dataclasses
 
 from sharding.validation import check_fields
 
-SOURCES = ("stdlib", "text", "jsonl", "parquet", "task:<name>")
+SOURCES = ("stdlib", "text", "jsonl", "parquet", "task:<name>", "mixture")
 USER_SOURCES = ("text", "jsonl", "parquet")
+MIXTURE = "mixture"
+# What one named source of a mixture reads: the embedded stdlib's long documents (whole
+# packages) or short ones (modules, docstrings), or the user's files.
+MIXTURE_SOURCES = ("stdlib_long", "stdlib_short") + USER_SOURCES
+PACKINGS = ("concat", "first_fit")
 TASK_PREFIX = "task:"
 MQAR = "mqar"  # the token-space task that labels many positions (lctx.evals.synthetic)
 
@@ -59,6 +64,69 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+  """One named source of a data mixture (`DataConfig.source = "mixture"`).
+
+  Each source makes whole rows of `DataConfig.seq_len` tokens on its own, and the mixture draws
+  rows from the sources with probabilities proportional to their weights, so a weight is the
+  source's share of the training rows (token slots). ProLong's stage 2 is a mixture whose code and
+  books appear twice, once cut at 512K and once at 64K tokens, packed into 512K rows.
+
+  Attributes:
+    name: Unique name (logs, errors).
+    weight: Positive; the weights are normalised to sum to 1.
+    source: "stdlib_long" (the embedded stdlib's packages), "stdlib_short" (its modules and
+      docstrings), or "text" / "jsonl" / "parquet" files as for DataConfig.source.
+    paths: Files or glob patterns of a user source.
+    text_field: Key of the text in jsonl records / parquet columns.
+    seq_len: The longest segment: each piece's tokens are cut into consecutive segments of at
+      most this many tokens, each with its own segment id and positions from 0 (with
+      DataConfig.document_mask). 0 means DataConfig.seq_len; must not exceed it.
+    packing: "concat": segments end to end, a segment that does not fit a row's end continues in
+      the next row as a new segment (rows never padded); "first_fit": grain's first-fit packing,
+      segments never split across rows, the rest of a row padded (segment 0).
+    piece_chars: Documents are cut into pieces of this many characters before shuffling (see
+      DataConfig.piece_chars); 0 means 4 * seq_len.
+  """
+
+  name: str = ""
+  weight: float = 1.0
+  source: str = "stdlib_long"
+  paths: tuple[str, ...] = ()
+  text_field: str = "text"
+  seq_len: int = 0
+  packing: str = "concat"
+  piece_chars: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.paths, str):
+      object.__setattr__(self, "paths", (self.paths,))
+    check_fields(self)
+    what = f"SourceConfig {self.name!r}" if self.name else "SourceConfig"
+    if not self.name:
+      raise ValueError("SourceConfig.name: every source of a mixture needs a name")
+    if not self.weight > 0:
+      raise ValueError(f"{what}: weight must be > 0, got {self.weight}")
+    if self.source not in MIXTURE_SOURCES:
+      raise ValueError(f"{what}: source={self.source!r}; expected one of "
+                       f"{', '.join(MIXTURE_SOURCES)}")
+    if self.source in USER_SOURCES and not self.paths:
+      raise ValueError(f"{what}: source {self.source!r} needs paths")
+    if self.packing not in PACKINGS:
+      raise ValueError(f"{what}: packing={self.packing!r}; expected one of {', '.join(PACKINGS)}")
+    if self.seq_len < 0 or self.piece_chars < 0:
+      raise ValueError(f"{what}: seq_len and piece_chars must be >= 0")
+
+  def segment_len(self, row_len: int) -> int:
+    """The longest segment in tokens, given the row length."""
+    return self.seq_len or row_len
+
+  def piece_length(self, row_len: int) -> int:
+    """Characters per training piece."""
+    return self.piece_chars or 4 * self.segment_len(row_len)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where documents come from and how they are tokenized, packed and batched.
 
@@ -92,6 +160,10 @@ class DataConfig:
       segment and positions are ``arange(seq_len)``.
     seed: Seed of the training shuffle.
     task: The task's settings when `source` is "task:<name>".
+    mixture: With `source = "mixture"`: the named sources (`SourceConfig`) and their weights,
+      each with its own segment length and packing; its position (every source's) is part of
+      the iterator state saved with every checkpoint. Evaluation uses the held-out documents of
+      every distinct source, in order.
   """
 
   source: str = "stdlib"
@@ -106,12 +178,15 @@ class DataConfig:
   document_mask: bool = True
   seed: int = 0
   task: TaskConfig = TaskConfig()
+  mixture: tuple[SourceConfig, ...] = ()
 
   def __post_init__(self):
     # gin and YAML hand over lists; a frozen dataclass must stay hashable, so
     # coerce to a tuple (object.__setattr__ bypasses the frozen guard).
     if isinstance(self.paths, str):
       object.__setattr__(self, "paths", (self.paths,))
+    if isinstance(self.mixture, list):
+      object.__setattr__(self, "mixture", tuple(self.mixture))
     check_fields(self)  # types of every field, lists -> tuples
     self._validate()
 
@@ -131,6 +206,7 @@ class DataConfig:
           f"DataConfig.source: unknown source {self.source!r}; expected one"
           f" of {', '.join(SOURCES)}"
       )
+    self._validate_mixture()
     if self.source in USER_SOURCES and not self.paths:
       raise ValueError(
           f"DataConfig.paths: source {self.source!r} needs at least one file"
@@ -153,6 +229,32 @@ class DataConfig:
           "DataConfig.long_fraction: must be in [0, 1], got"
           f" {self.long_fraction!r}"
       )
+
+  def _validate_mixture(self) -> None:
+    if self.source != MIXTURE:
+      if self.mixture:
+        raise ValueError(f"DataConfig.mixture is set but DataConfig.source={self.source!r}; "
+                         "set DataConfig.source = 'mixture' to train on it")
+      return
+    if not self.mixture:
+      raise ValueError("DataConfig.source='mixture' needs DataConfig.mixture: a list of "
+                       "@name/SourceConfig()")
+    names = []
+    for item in self.mixture:
+      if not isinstance(item, SourceConfig):
+        raise ValueError(f"DataConfig.mixture: {item!r} is not a SourceConfig")
+      if item.name in names:
+        raise ValueError(f"DataConfig.mixture: two sources are named {item.name!r}")
+      names.append(item.name)
+      if item.seq_len > self.seq_len:
+        raise ValueError(f"SourceConfig {item.name!r}: seq_len={item.seq_len} exceeds "
+                         f"DataConfig.seq_len={self.seq_len} (segments are packed into rows)")
+
+  @property
+  def mixture_weights(self) -> tuple[float, ...]:
+    """The sources' weights normalised to sum to 1."""
+    total = sum(s.weight for s in self.mixture)
+    return tuple(s.weight / total for s in self.mixture)
 
   @property
   def task_name(self) -> str | None:

@@ -87,13 +87,37 @@ def pack(
   )
 
 
+class SplitSegments(grain.experimental.FlatMapTransform):
+  """grain flat map: {"tokens": array} -> consecutive pieces of at most `length` tokens."""
+
+  def __init__(self, length: int, max_fan_out: int):
+    self._length = length
+    self.max_fan_out = max_fan_out
+
+  def flat_map(self, element: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    tokens = element[_TOKENS]
+    return [{_TOKENS: tokens[i:i + self._length]} for i in range(0, len(tokens), self._length)]
+
+
+PACKING_BINS = 8  # rows first-fit packing keeps open
+
+
 def pack_tokens(
     docs: grain.MapDataset,
     seq_len: int,
     *,
     max_consecutive_empty: int | None = None,
+    segment_len: int | None = None,
+    packing: str = "concat",
+    max_tokens: int | None = None,
 ) -> grain.IterDataset:
-  """Like `pack`, for documents already tokenized into {"tokens": array}."""
+  """Like `pack`, for documents already tokenized into {"tokens": array}.
+
+  `segment_len` cuts every document into consecutive segments of at most that many tokens (each
+  its own segment, positions from 0); `packing` is "concat" (concat-then-split, rows never
+  padded) or "first_fit" (no segment split across rows, rows padded); `max_tokens` bounds a
+  document's tokens (for the flat map's fan-out).
+  """
   # Synchronous reads: a document is read and tokenized in ~1 ms and feeds
   # many rows, while grain's default 16 reader threads would buffer up to 500
   # tokenized documents (hundreds of MB of stdlib packages) and contend for
@@ -102,6 +126,16 @@ def pack_tokens(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   )
   rows = rows.filter(NonEmpty(max_consecutive_empty))
+  segment_len = min(segment_len or seq_len, seq_len)
+  if packing == "first_fit" or segment_len < seq_len:
+    fan_out = -(-(max_tokens or 4 * seq_len) // segment_len)
+    rows = grain.experimental.FlatMapIterDataset(rows, SplitSegments(segment_len, fan_out))
+  if packing == "first_fit":
+    return grain.experimental.FirstFitPackIterDataset(
+        rows, length_struct={_TOKENS: seq_len}, num_packing_bins=PACKING_BINS,
+        shuffle_bins=False)
+  if packing != "concat":
+    raise ValueError(f"packing={packing!r}: expected 'concat' or 'first_fit'")
   return grain.experimental.ConcatThenSplitIterDataset(
       rows, length_struct={_TOKENS: seq_len}
   )

@@ -30,6 +30,7 @@ from lctx.data import pieces
 from lctx.data import sources
 from lctx.data import tasks
 from lctx.data.config import DataConfig
+from lctx.data.config import MIXTURE
 from lctx.data.tokenizers import Tokenizer
 from lctx.data.tokenizers import make_tokenizer
 
@@ -82,6 +83,28 @@ def _text(piece: tuple[int, str]) -> str:
   return piece[1]
 
 
+def _shard_pieces(docs, name: str, piece_length: int, seed: int, stream: int, shard_index: int,
+                  shard_count: int) -> tuple[pieces.Pieces, grain.MapDataset]:
+  """This shard's pieces of one kind of document, and them shuffled (a new order every epoch)."""
+  # Checked on the totals so that every host fails, not just the unlucky.
+  if len(docs) < shard_count:
+    raise ValueError(
+        f"train_iterator: shard_count={shard_count} exceeds the"
+        f" {len(docs)} training documents among the {name}"
+    )
+  lengths = documents.char_lengths(docs)
+  for shard in range(shard_count):
+    if not lengths[shard::shard_count].any():
+      where = f" of shard {shard} of {shard_count}" if shard_count > 1 else ""
+      raise ValueError(
+          f"DataConfig.paths: the training documents{where} among the"
+          f" {name} are all empty"
+      )
+  shard_docs = documents.IndexedView(docs, range(shard_index, len(docs), shard_count))
+  table = pieces.Pieces(shard_docs, piece_length, lengths[shard_index::shard_count])
+  return table, grain.MapDataset.source(table).shuffle(seed=_seed(seed, stream))
+
+
 def training_pieces(
     cfg: DataConfig, *, shard_index: int = 0, shard_count: int = 1
 ) -> TrainingPieces:
@@ -108,29 +131,8 @@ def training_pieces(
   _check_shard(shard_index, shard_count)
   parts, fractions, means, counts, names = [], [], [], [], []
   for stream, kind in enumerate(sources.train_documents(cfg)):
-    # Checked on the totals so that every host fails, not just the unlucky.
-    if len(kind.docs) < shard_count:
-      raise ValueError(
-          f"train_iterator: shard_count={shard_count} exceeds the"
-          f" {len(kind.docs)} training documents among the {kind.name}"
-      )
-    lengths = documents.char_lengths(kind.docs)
-    for shard in range(shard_count):
-      if not lengths[shard::shard_count].any():
-        where = f" of shard {shard} of {shard_count}" if shard_count > 1 else ""
-        raise ValueError(
-            f"DataConfig.paths: the training documents{where} among the"
-            f" {kind.name} are all empty"
-        )
-    shard_docs = documents.IndexedView(
-        kind.docs, range(shard_index, len(kind.docs), shard_count)
-    )
-    table = pieces.Pieces(
-        shard_docs, cfg.piece_length, lengths[shard_index::shard_count]
-    )
-    shuffled = grain.MapDataset.source(table).shuffle(
-        seed=_seed(cfg.seed, stream)
-    )
+    table, shuffled = _shard_pieces(kind.docs, kind.name, cfg.piece_length, cfg.seed, stream,
+                                    shard_index, shard_count)
     parts.append(shuffled.repeat().map(_Tag(stream)))
     fractions.append(kind.weight)
     means.append(table.mean_chars)
@@ -180,19 +182,49 @@ def train_iterator(
   if cfg.task_name is not None:
     return tasks.train_iterator(cfg, tokenizer, shard_index=shard_index,
                                 shard_count=shard_count)
-  mix = training_pieces(cfg, shard_index=shard_index, shard_count=shard_count)
-  rows = packing.pack(
-      mix.dataset.map(_text),
-      tokenizer,
-      cfg.seq_len,
-      max_consecutive_empty=mix.max_consecutive_empty,
-  )
+  if cfg.source == MIXTURE:
+    rows = mixture_rows(cfg, tokenizer, shard_index=shard_index, shard_count=shard_count)
+  else:
+    rows = _packed_rows(cfg, tokenizer, shard_index, shard_count)
   batches = rows.batch(
       cfg.batch_size // shard_count,
       drop_remainder=True,
       batch_fn=packing.FormatBatch(cfg.seq_len, cfg.document_mask),
   )
   return packing.JsonStateIterDataset(batches).__iter__()
+
+
+def _packed_rows(cfg: DataConfig, tokenizer: Tokenizer, shard_index: int,
+                 shard_count: int) -> grain.IterDataset:
+  """Rows of the pieces of every kind, mixed before packing."""
+  mix = training_pieces(cfg, shard_index=shard_index, shard_count=shard_count)
+  return packing.pack(
+      mix.dataset.map(_text),
+      tokenizer,
+      cfg.seq_len,
+      max_consecutive_empty=mix.max_consecutive_empty,
+  )
+
+
+def mixture_rows(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.IterDataset:
+  """Rows of a mixture (`DataConfig.source = "mixture"`): each source is cut into pieces,
+  shuffled, tokenized, cut into segments of its `seq_len` and packed into rows by its `packing`
+  on its own; rows are then drawn from the sources with the normalised weights. The iterator
+  state holds every source's position and the mixture's."""
+  parts = []
+  for stream, (src, docs) in enumerate(sources.mixture_documents(cfg)):
+    name = f"documents of source {src.name!r}"
+    piece_length = src.piece_length(cfg.seq_len)
+    table, shuffled = _shard_pieces(docs, name, piece_length, cfg.seed, stream, shard_index,
+                                    shard_count)
+    # A piece of c characters has at most 4c byte tokens (and fewer for any other tokenizer).
+    parts.append(packing.pack_tokens(
+        shuffled.repeat().map(packing.Tokenize(tokenizer)), cfg.seq_len,
+        max_consecutive_empty=2 * len(table) + 100,
+        segment_len=src.segment_len(cfg.seq_len), packing=src.packing,
+        max_tokens=4 * piece_length))
+  return grain.IterDataset.mix(parts, list(cfg.mixture_weights))
 
 
 def _spread(num_rows: int, rows_needed: int) -> list[int]:

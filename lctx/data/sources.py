@@ -13,6 +13,8 @@ from lctx.data import corpus
 from lctx.data import documents
 from lctx.data import readers
 from lctx.data.config import DataConfig
+from lctx.data.config import MIXTURE
+from lctx.data.config import SourceConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,37 @@ class WeightedDocuments:
 def _user_split(cfg: DataConfig) -> documents.Split:
   docs = readers.read_documents(cfg.source, cfg.paths, cfg.text_field)
   return documents.split_every_nth(docs, cfg.eval_every_nth)
+
+
+def _named_split(cfg: DataConfig, src: SourceConfig) -> documents.Split:
+  """The train / held-out split of one source of a mixture."""
+  if src.source == "stdlib_long":
+    return corpus.long_documents(cfg.eval_every_nth)
+  if src.source == "stdlib_short":
+    return corpus.short_documents(cfg.eval_every_nth)
+  docs = readers.read_documents(src.source, src.paths, src.text_field)
+  return documents.split_every_nth(docs, cfg.eval_every_nth)
+
+
+def _same_documents(src: SourceConfig):
+  return (src.source, src.paths, src.text_field)
+
+
+def mixture_documents(cfg: DataConfig) -> list[tuple[SourceConfig, Sequence[str]]]:
+  """The training documents of every source of a mixture, in order (read once per distinct
+  source: ProLong's code at 512K and at 64K read the same files)."""
+  splits: dict = {}
+  out = []
+  for src in cfg.mixture:
+    key = _same_documents(src)
+    if key not in splits:
+      splits[key] = _named_split(cfg, src)
+    docs = splits[key].train
+    if not docs:
+      raise ValueError(f"DataConfig.eval_every_nth: holding out every {cfg.eval_every_nth}-th "
+                       f"document leaves no training documents in source {src.name!r}")
+    out.append((src, docs))
+  return out
 
 
 def train_documents(cfg: DataConfig) -> list[WeightedDocuments]:
@@ -99,6 +132,12 @@ def eval_documents(cfg: DataConfig) -> Sequence[str]:
   """
   if cfg.source == "stdlib":
     docs = corpus.long_documents(cfg.eval_every_nth).eval
+  elif cfg.source == MIXTURE:
+    seen, docs = set(), []
+    for src in cfg.mixture:
+      if _same_documents(src) not in seen:
+        seen.add(_same_documents(src))
+        docs.extend(_named_split(cfg, src).eval)
   else:
     docs = _user_split(cfg).eval
   if not docs:
