@@ -7,8 +7,9 @@
       --gin.RunConfig.mode=generate` (or eval) runs the imported model.
   python -m experiments.convert --from_hf=DIR --to_layout=gin/models/spikingbrain_7b.gin --workdir=W
       the same, converted to the layout's hybrid (lctx/convert/hybrid.py): its mixers per layer,
-      the dense model's sizes; W/model.gin configures the hybrid, and the new parameters are
-      listed.
+      the dense model's sizes; W/model.gin configures the hybrid (and binds the dense model's
+      attention as TransferConfig.teacher, for RunConfig.mode=attention_transfer), and the new
+      parameters are listed.
   python -m experiments.convert --to_hf=OUT --workdir=W [--step=N] [--gin_file=F ...]
       OUT: config.json, safetensors and W's tokenizer files; the model is read from W/model.gin,
       else W/config.gin (a training run's operative config), else the --gin_file files; the
@@ -53,12 +54,13 @@ def import_hf(source: str, workdir: str, layout: str | None = None) -> None:
   with WorkdirLock(workdir):
     mesh = make_mesh(MeshConfig())
     cfg, params = hf.load_pretrained(source, mesh=mesh)
-    new = None
+    new = teacher = None
     if layout:
       from lctx.convert import hybrid
       dense = cfg
       cfg = hybrid.hybrid_config(dense, _layout(layout, dense.num_layers), layout)
       params, new = hybrid.convert_params(dense, params, cfg)
+      teacher = hybrid.teacher_attention(dense, cfg)
     copied = hf.copy_tokenizer_files(source, workdir)
     tokenizer = os.path.join(workdir, "tokenizer.json") if "tokenizer.json" in copied else None
     ckpt = Checkpointer(ckpt_dir)
@@ -67,7 +69,7 @@ def import_hf(source: str, workdir: str, layout: str | None = None) -> None:
     finally:
       ckpt.close()
     how = f" and converted to the layout {layout}" if layout else ""
-    text = model_gin(cfg, tokenizer=tokenizer,
+    text = model_gin(cfg, tokenizer=tokenizer, teacher=teacher,
                      header=f"Imported from {os.path.abspath(source)}{how} by experiments.convert.")
     with open(os.path.join(workdir, MODEL_GIN), "w") as f:
       f.write(text)

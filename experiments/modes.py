@@ -42,10 +42,14 @@ def restore_params(workdir: str, configs: dict, m=None):
   return m, step, params
 
 
-def run_train(workdir: str, configs: dict) -> int:
+def run_train(workdir: str, configs: dict, transfer=None) -> int:
   result = train(workdir, configs["model"], configs["data"], configs["optimizer"],
-                 configs["train"], configs["mesh"], gin_text=configs.get("gin"))
+                 configs["train"], configs["mesh"], gin_text=configs.get("gin"),
+                 transfer=transfer)
   if jax.process_index() == 0:
+    if transfer is not None:
+      print("\nAttention transfer: the train loss above is the per-layer MSE to the softmax "
+            "teacher; the eval loss is the hybrid's LM loss")
     ratio = result["eval_loss"] / result["unigram_loss"]
     print(f"\nFinished step {result['step']}: eval loss {result['eval_loss']:.4f} nats/token "
           f"(perplexity {result['eval_ppl']:.2f}) vs unigram baseline "
@@ -144,7 +148,14 @@ def run_doc_loss(workdir: str, configs: dict) -> int:
   return 0
 
 
-MODES = {"train": run_train, "eval": run_eval_mode, "generate": run_generate,
+def run_attention_transfer(workdir: str, configs: dict) -> int:
+  """Train only a converted hybrid's new parameters against each layer's softmax teacher
+  (TransferConfig, lctx/transfer.py), from TrainConfig.init_from."""
+  return run_train(workdir, configs, transfer=configs["transfer"])
+
+
+MODES = {"train": run_train, "attention_transfer": run_attention_transfer,
+         "eval": run_eval_mode, "generate": run_generate,
          "spike_stats": lambda workdir, configs: run_spike_stats(workdir, configs,
                                                                  restore_params),
          "longeval": run_longeval, "doc_loss": run_doc_loss}

@@ -27,12 +27,15 @@ import traceback
 import gin
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("train", "eval", "generate", "spike_stats", "longeval", "doc_loss")
+MODES = ("train", "attention_transfer", "eval", "generate", "spike_stats", "longeval",
+         "doc_loss")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """mode: "train" (train or resume in the workdir), "eval" (evaluate the latest checkpoint),
+  """mode: "train" (train or resume in the workdir), "attention_transfer" (train only a
+  converted hybrid's new parameters to match each layer's softmax teacher, TransferConfig,
+  lctx/transfer.py; then "train" from it with the LM loss), "eval" (evaluate the latest checkpoint),
   "generate" (continue GenerateConfig.prompt with the latest checkpoint), "spike_stats" (the
   spiking statistics of the latest checkpoint, experiments/spike_stats.py), "longeval"
   (recall tasks over lengths x needle depths, LongEvalConfig, lctx/evals/longeval.py) or

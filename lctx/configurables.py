@@ -22,13 +22,14 @@ from lctx.generate import GenerateConfig
 from lctx.optim import OptimizerConfig
 from lctx.patterns import LayerPattern
 from lctx.trainer import TrainConfig
+from lctx.transfer import TransferConfig
 from sharding.mesh import MeshConfig
 from sharding.sequence import SequenceParallelConfig
 
 # The configs an experiment is made of, by the name entry points use for them.
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "train": TrainConfig, "mesh": MeshConfig, "generate": GenerateConfig,
-            "longeval": LongEvalConfig, "doc_loss": DocLossConfig}
+            "longeval": LongEvalConfig, "doc_loss": DocLossConfig, "transfer": TransferConfig}
 
 _BOUND: dict[type, type] = {}
 
@@ -90,8 +91,13 @@ def unused_mixer_bindings(model: ModelConfig) -> list[str]:
   for name in available_mixers():
     by_config.setdefault(get_mixer(name).Config.__name__, []).append(name)
   messages = []
+  # The dense model's attention that a converted workdir binds as the teacher of attention
+  # transfer (TransferConfig.teacher) is in use even when no layer is softmax attention.
+  teacher = gin.get_bindings("TransferConfig").get("teacher")
   for config_name, mixers in sorted(by_config.items()):
     bound = gin.get_bindings(config_name)
+    if teacher is not None and config_name == type(teacher).__name__:
+      continue
     if bound and config_name not in used:
       settings = ", ".join(f"{config_name}.{k}" for k in sorted(bound))
       messages.append(f"{settings} bound but unused: no layer uses the {'/'.join(mixers)} "

@@ -21,8 +21,23 @@ from lctx.config import ModelConfig
 from sharding.plan import ExecutionPlan
 
 
+def make_mixer(cfg: ModelConfig, i: int, plan: ExecutionPlan | None = None) -> nn.Module:
+  """Layer i's sequence mixer (named "mixer", as in its Block)."""
+  dt, pdt = cfg.compute_dtype, cfg.storage_dtype
+  common = dict(d_model=cfg.d_model, layer_index=i, num_layers=cfg.num_layers, dtype=dt,
+                param_dtype=pdt, plan=plan, spiking=cfg.spiking, name="mixer")
+  parts = cfg.layer_mixers()[i].split("+")
+  if len(parts) == 1:
+    return get_mixer(parts[0])(config=cfg.mixer_config(parts[0]), **common)
+  return ParallelMixers(config=tuple((p, cfg.mixer_config(p)) for p in parts),
+                        norm_eps=cfg.norm_eps, **common)
+
+
 class Block(nn.Module):
-  """x + mixer(norm(x)), then x + ffn(norm(x))."""
+  """x + mixer(norm(x)), then x + ffn(norm(x)).
+
+  With the "transfer" collection mutable, the mixer's input and output are sown there
+  ("mixer_in", "mixer_out"; attention transfer, lctx/transfer.py)."""
 
   config: ModelConfig
   layer_index: int
@@ -32,18 +47,12 @@ class Block(nn.Module):
   def __call__(self, x_bte, positions_bt, segment_ids_bt, decode: bool = False):
     cfg, i = self.config, self.layer_index
     dt, pdt = cfg.compute_dtype, cfg.storage_dtype
-    common = dict(d_model=cfg.d_model, layer_index=i, num_layers=cfg.num_layers, dtype=dt,
-                  param_dtype=pdt, plan=self.plan, spiking=cfg.spiking,
-                  name="mixer")
-    parts = cfg.layer_mixers()[i].split("+")
-    if len(parts) == 1:
-      mixer = get_mixer(parts[0])(config=cfg.mixer_config(parts[0]), **common)
-    else:
-      mixer = ParallelMixers(config=tuple((p, cfg.mixer_config(p)) for p in parts),
-                             norm_eps=cfg.norm_eps, **common)
+    mixer = make_mixer(cfg, i, self.plan)
     h = RMSNorm(cfg.norm_eps, dt, pdt, name="mixer_norm")(x_bte)
-    x_bte = x_bte + mixer(h, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt,
-                          decode=decode)
+    y = mixer(h, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, decode=decode)
+    self.sow("transfer", "mixer_in", h)
+    self.sow("transfer", "mixer_out", y)
+    x_bte = x_bte + y
     if cfg.d_ff == 0 and not cfg.uses_moe(i):  # a mixer-only block
       return nn.with_logical_constraint(x_bte, ("batch", "length", "embed"))
     h = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x_bte)

@@ -36,15 +36,17 @@ def loss_sums(model, params, batch: Batch):
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1) -> Callable[[State, Batch], tuple[State, dict]]:
+                    grad_accum_steps: int = 1,
+                    loss_fn=loss_sums) -> Callable[[State, Batch], tuple[State, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
   The loss is the mean over all weighted tokens of the global batch, whatever the number of
   accumulation micro-batches: summed losses and summed gradients are divided by the token count
   once, so accumulation changes memory, not the result (up to float summation order).
   Metrics: "loss" is the mean cross-entropy; models with auxiliary losses also report "aux_loss".
+  `loss_fn` replaces `loss_sums` (same signature and sums; attention transfer's per-layer MSE).
   """
-  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b: loss_fn(model, p, b), has_aux=True)
 
   def train_step(state: State, batch: Batch):
     params = state["params"]

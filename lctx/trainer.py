@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from lctx import data as data_lib
 from lctx import evaluate
+from lctx import transfer as transfer_lib
 from lctx.checkpoint import Checkpointer
 from lctx.config import ModelConfig
 from lctx.data.tasks import task_vocab
@@ -20,7 +21,7 @@ from lctx.metrics import MetricsWriter
 from lctx.optim import OptimizerConfig, make_optimizer
 from lctx.restore import restore_checkpoint
 from lctx.state import ModelOnMesh, build
-from lctx.steps import all_finite, make_eval_step, make_train_step
+from lctx.steps import all_finite, loss_sums, make_eval_step, make_train_step
 from lctx.workdir import WorkdirLock
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.sequence import required_length_multiple
@@ -144,20 +145,34 @@ def write_operative_config(workdir: str, gin_text: str | None) -> None:
 
 def train(workdir: str, model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
           opt_cfg: OptimizerConfig, train_cfg: TrainConfig, mesh_cfg: MeshConfig,
-          gin_text: str | None = None) -> dict:
+          gin_text: str | None = None, transfer=None) -> dict:
   """Trains (or resumes) in `workdir`; returns the final evaluation and the unigram baseline.
+
+  With `transfer` (a TransferConfig) the objective is attention transfer (lctx/transfer.py):
+  only the converted layers' new parameters train, against the per-layer MSE to the teacher.
 
   The workdir is locked for the whole run (by process 0: the processes of one multi-process run
   share it). `gin_text` (the operative config) is written to config.gin once the workdir's
   checkpoint is known to fit the configured model.
   """
   if jax.process_index() != 0:
-    return _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
+    return _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text, transfer)
   with WorkdirLock(workdir):
-    return _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
+    return _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text, transfer)
 
 
-def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text):
+def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text, transfer):
+  loss_fn = loss_sums
+  tx, schedule = make_optimizer(opt_cfg, train_cfg.steps)
+  if transfer is not None:  # checked before any data is read or anything compiled
+    if not train_cfg.init_from:
+      raise ValueError("RunConfig.mode='attention_transfer' fits a converted model's new "
+                       "parameters: set TrainConfig.init_from to the converted workdir "
+                       "(experiments.convert --to_layout)")
+    teacher = transfer_lib.teacher_config(model_cfg, transfer)
+    labeler = transfer_lib.param_labeler(model_cfg, teacher)
+    tx = transfer_lib.masked_optimizer(tx, labeler)
+    loss_fn = transfer_lib.make_loss_sums(model_cfg, teacher, labeler)
   tokenizer = data_lib.make_tokenizer(data_cfg.tokenizer)
   mesh = make_mesh(mesh_cfg)
   check_compatible(model_cfg, data_cfg, train_cfg, tokenizer, mesh)
@@ -165,7 +180,6 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
   data_iter = data_lib.train_iterator(data_cfg, tokenizer, **shard)
   eval_data = data_lib.eval_batches(data_cfg, tokenizer, train_cfg.eval_batches)
 
-  tx, schedule = make_optimizer(opt_cfg, train_cfg.steps)
   m = build(model_cfg, mesh, tx)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
   try:
@@ -200,7 +214,8 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text)
   print(f"Unigram baseline (token frequencies of {train_cfg.unigram_batches} training batches, "
         f"scored on the eval set): {unigram:.4f} nats/token")
 
-  train_step = m.jit(make_train_step(m.model, tx, schedule, train_cfg.grad_accum_steps),
+  train_step = m.jit(make_train_step(m.model, tx, schedule, train_cfg.grad_accum_steps,
+                                     loss_fn),
                      in_shardings=(m.state_shardings, m.batch_sharding),
                      out_shardings=(m.state_shardings, None), donate_argnums=(0,))
   eval_step = make_jitted_eval(m, train_cfg, data_cfg.seq_len)

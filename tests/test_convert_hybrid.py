@@ -54,17 +54,32 @@ def test_spikingbrain_layout_reuses_every_dense_tensor_bit_exactly():
   assert np.isfinite(np.asarray(logits)).all()
 
 
-def test_convert_cli_writes_a_hybrid_workdir_that_generates(tmp_path):
-  workdir = str(tmp_path / "hybrid")
+def _call(fn, argv):
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = convert.main([f"--from_hf={os.path.join(DATA, 'qwen2')}",
-                         "--to_layout=gin/models/spikingbrain_7b.gin", f"--workdir={workdir}"])
-  assert code == 0, err.getvalue()
-  assert "mixers ('gla', 'swa'); new parameters: layer_0/mixer/gate_bias" in out.getvalue()
+    code = fn(argv)
+  return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("convert") / "hybrid")
+  code, out, err = _call(convert.main, [f"--from_hf={os.path.join(DATA, 'qwen2')}",
+                                        "--to_layout=gin/models/spikingbrain_7b.gin",
+                                        f"--workdir={workdir}"])
+  assert code == 0, err
+  assert "mixers ('gla', 'swa'); new parameters: layer_0/mixer/gate_bias" in out
+  return workdir
+
+
+def test_convert_cli_writes_a_hybrid_workdir_that_generates(converted):
+  workdir = converted
   configs = load_configs([os.path.join(workdir, "model.gin")], [])
   assert configs["model"].layer_mixers() == ("gla", "swa")
+  dense, _ = hf.load_pretrained(os.path.join(DATA, "qwen2"))
+  assert configs["transfer"].teacher == dense.mixer_config("attention")
   from experiments.run import main as run_main
+  out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     code = run_main([f"--gin_file={os.path.join(workdir, 'model.gin')}", f"--workdir={workdir}",
                      "--gin.RunConfig.mode=generate", "--gin.GenerateConfig.max_new_tokens=3",
@@ -85,3 +100,57 @@ def test_layouts_that_do_not_fit_are_named():
   qwen3, _ = hf.load_pretrained(os.path.join(DATA, "qwen3"))
   with pytest.raises(hybrid.LayoutError, match="q/k norms"):
     hybrid.hybrid_config(qwen3, _layout("gin/models/spikingbrain_7b.gin", 2), "lay.gin")
+
+
+def test_attention_transfer_trains_only_new_parameters_and_lowers_the_layer_error(converted,
+                                                                                   tmp_path):
+  from experiments.run import main as run_main
+  from lctx import transfer
+  from lctx.checkpoint import Checkpointer
+  from lctx.data import eval_batches
+
+  gin = os.path.join(converted, "model.gin")
+  run = [f"--gin_file={gin}", "--gin.DataConfig.seq_len=32", "--gin.DataConfig.batch_size=4",
+         "--gin.TrainConfig.progress_bar=False", "--gin.TrainConfig.unigram_batches=1",
+         "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.log_every=1",
+         "--gin.OptimizerConfig.warmup_steps=1", "--gin.OptimizerConfig.learning_rate=1e-2",
+         "--gin.TrainConfig.steps=12", "--gin.RunConfig.mode=attention_transfer"]
+  # Without a converted model to start from, the mode refuses before anything runs.
+  code, _, err = _call(run_main, [f"--workdir={tmp_path / 'no_init'}", *run])
+  assert code == 2 and "set TrainConfig.init_from to the converted workdir" in err
+
+  workdir = str(tmp_path / "transfer")
+  code, out, err = _call(run_main, [f"--workdir={workdir}", *run,
+                                    f"--gin.TrainConfig.init_from={converted}"])
+  assert code == 0, err
+  assert "per-layer MSE to the softmax teacher" in out
+  configs = load_configs([gin], ["DataConfig.seq_len = 32", "DataConfig.batch_size = 4"])
+  student = configs["model"]
+  teacher = transfer.teacher_config(student, configs["transfer"])
+  assert teacher.layer_mixers() == ("attention", "attention")
+  labeler = transfer.param_labeler(student, teacher)
+  abstract = jax.eval_shape(lambda: DecoderLM(student).init(jax.random.key(0),
+                                                            jnp.zeros((1, 2), jnp.int32)))
+  from flax import linen as nn
+  abstract = nn.unbox(abstract["params"])
+
+  def restore(directory, step):
+    ckpt = Checkpointer(os.path.join(directory, "checkpoints"))
+    try:
+      return ckpt.restore_params(abstract, step)
+    finally:
+      ckpt.close()
+
+  before, after = restore(converted, 0), restore(workdir, 12)
+  marks = _flat(labeler(before))
+  flat_before, flat_after = _flat(before), _flat(after)
+  trained = sorted(k for k, v in marks.items() if v == transfer.TRAINED)
+  assert trained == ["layer_0/mixer/gate_bias", "layer_0/mixer/gate_down",
+                     "layer_0/mixer/gate_up", "layer_0/mixer/o_norm/scale"]
+  for key, mark in marks.items():
+    same = np.array_equal(np.asarray(flat_before[key]), np.asarray(flat_after[key]))
+    assert same == (mark == transfer.FROZEN), key
+  batch = eval_batches(configs["data"], configs["data"].tokenizer, 1)[0]
+  err0 = transfer.layer_errors(student, teacher, before, labeler, batch)
+  err1 = transfer.layer_errors(student, teacher, after, labeler, batch)
+  assert list(err0) == [0] and err1[0] < 0.9 * err0[0], (err0, err1)

@@ -63,6 +63,15 @@ def hybrid_config(dense: ModelConfig, layout: ModelConfig, where: str) -> ModelC
                              spiking=layout.spiking)
 
 
+def teacher_attention(dense: ModelConfig, hybrid: ModelConfig):
+  """The dense model's AttentionConfig, the teacher of attention transfer (lctx/transfer.py):
+  the hybrid's own "attention" config where it has attention layers (the same heads, RoPE and
+  window by construction), so one AttentionConfig serves both in gin."""
+  if "attention" in hybrid.layer_mixers():
+    return hybrid.mixer_config("attention")
+  return dense.mixer_config("attention")
+
+
 def _new_init(path: tuple[str, ...], leaf, key):
   """SpikingBrain's init of a parameter the dense model does not have."""
   name = path[-1]

@@ -36,8 +36,10 @@ def _bind(lines: list[str], seen: dict, obj) -> None:
       lines.append(f"{name}.{field} = {value!r}")
 
 
-def model_gin(cfg: ModelConfig, *, tokenizer: str | None = None, header: str = "") -> str:
-  """Gin text that configures `cfg` (and DataConfig.tokenizer when given)."""
+def model_gin(cfg: ModelConfig, *, tokenizer: str | None = None, header: str = "",
+              teacher=None) -> str:
+  """Gin text that configures `cfg` (and DataConfig.tokenizer when given; and
+  TransferConfig.teacher, the dense model's AttentionConfig, when given)."""
   lines = [f"# {line}" for line in header.splitlines()]
   for field, value in _changed(cfg):
     if field not in _NESTED_MODEL_FIELDS:
@@ -47,6 +49,11 @@ def model_gin(cfg: ModelConfig, *, tokenizer: str | None = None, header: str = "
     _bind(lines, seen, options)
   for field in _NESTED_MODEL_FIELDS[1:]:
     _bind(lines, seen, getattr(cfg, field))
+  if teacher is not None:
+    lines.append("# The dense model's attention: the teacher of RunConfig.mode = "
+                 "'attention_transfer'")
+    lines.append(f"TransferConfig.teacher = @{type(teacher).__name__}()")
+    _bind(lines, seen, teacher)
   if tokenizer is not None:
     lines.append(f"DataConfig.tokenizer = {tokenizer!r}")
   return "\n".join(lines) + "\n"
