@@ -1,8 +1,11 @@
 """Helpers for tests that run `python -m experiments.run` in a subprocess."""
 
+import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,3 +48,41 @@ def run_in_process(workdir, *extra):
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     code = main([f"--workdir={workdir}", *TINY, *extra])
   return code, out.getvalue(), err.getvalue()
+
+
+def kill_after_checkpoint(command, workdir, min_step, extra_delay):
+  """Starts `command` and SIGKILLs it `extra_delay` seconds after checkpoint `min_step` exists in
+  `workdir`; returns whether the run had already ended (then the kill proves nothing)."""
+  proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(s.isdigit() and int(s) >= min_step
+                                       for s in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.02)
+  time.sleep(extra_delay)
+  finished = proc.poll() is not None
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return finished
+
+
+def metrics_rows(workdir, columns=None):
+  """metrics.csv as tuples of `columns` (default: every column but the wall-clock tokens_per_s)."""
+  with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+    rows = list(csv.DictReader(f))
+  columns = columns or [c for c in rows[0] if c != "tokens_per_s"]
+  return [tuple(r[c] for c in columns) for r in rows], columns
+
+
+def assert_same_metrics(expected_dir, got_dir, columns=None, rtol=1e-6):
+  """The two runs logged the same steps, with equal values (to `rtol`)."""
+  expected, columns = metrics_rows(expected_dir, columns)
+  got, _ = metrics_rows(got_dir, columns)
+  assert [r[:2] for r in got] == [r[:2] for r in expected]
+  for e, g in zip(expected, got):
+    for name, a, b in zip(columns, e, g):
+      if a != b:
+        assert abs(float(a) - float(b)) <= rtol * max(1.0, abs(float(a))), (name, e, g)
