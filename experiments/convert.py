@@ -13,7 +13,9 @@
   python -m experiments.convert --to_hf=OUT --workdir=W [--step=N] [--gin_file=F ...]
       OUT: config.json, safetensors and W's tokenizer files; the model is read from W/model.gin,
       else W/config.gin (a training run's operative config), else the --gin_file files; the
-      newest readable checkpoint (or step N).
+      newest readable checkpoint (or step N). Models of a transformers family are written as
+      that family; GLA / sliding-window hybrids in SpikingBrain's layout; every other model in
+      lctx's own layout (lctx/convert/lctx_layout.py). --from_hf reads all three back.
 
 Exit status: 0 done; 2 a bad flag, file or checkpoint (the message names it), before anything is
 written.
@@ -99,7 +101,7 @@ def export_hf(out: str, workdir: str, step: int | None, gin_files: list[str]) ->
                      "--gin_file")
   configs = load_configs(files, [])
   cfg = configs["model"]
-  hf.config_to_hf(cfg)  # a layout transformers cannot hold fails before any array is read
+  layout = hf.export_layout(cfg)[0]  # the config is checked before any array is read
   m = build(cfg, make_mesh(configs["mesh"]), optax.identity())
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
@@ -108,7 +110,8 @@ def export_hf(out: str, workdir: str, step: int | None, gin_files: list[str]) ->
   finally:
     ckpt.close()
   written = hf.save_pretrained(out, cfg, params, tokenizer_dir=workdir)
-  _log(f"exported step {step} of {workdir} to {out}: {', '.join(written)}")
+  _log(f"exported step {step} of {workdir} to {out} in the {layout} layout: "
+       f"{', '.join(written)}")
 
 
 def main(argv=None) -> int:

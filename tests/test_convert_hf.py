@@ -160,15 +160,6 @@ def test_bad_checkpoints_name_the_file_and_key(tmp_path):
     hf.load_pretrained(str(shards))
 
 
-def test_export_refuses_layouts_without_a_transformers_class(tmp_path):
-  from lctx.config import ModelConfig
-  cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=2, d_ff=32, mixers=("gla", "attention"))
-  params = DecoderLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  with pytest.raises(hf.ConversionError, match=r"no Hugging Face class: mixers \['attention', "
-                                               r"'gla'\]"):
-    hf.save_pretrained(str(tmp_path), cfg, params)
-
-
 def test_rope_scaling_settings_are_checked():
   with pytest.raises(ValueError, match="rope_type='llama3'.*original_max_position"):
     RopeScaling("llama3", 8.0)

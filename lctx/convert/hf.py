@@ -1,21 +1,15 @@
-"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2 and Qwen3 causal LMs, without torch.
+"""Hugging Face checkpoints in and out, without torch.
 
   cfg, params = load_pretrained(directory)          # a ModelConfig and a params pytree
   save_pretrained(out, cfg, params)                 # config.json + safetensors (+ tokenizer)
 
-`DecoderLM(cfg).apply({"params": params}, tokens)` gives the logits transformers gives for the
-same directory. The mapping (torch Linear weights are [out, in]; lctx kernels are [in, ...]):
-  model.embed_tokens.weight [V, D]           -> embedding [V, D]
-  lm_head.weight [V, D] (absent when tied)   -> head [D, V]
-  model.norm.weight                          -> final_norm/scale
-  model.layers.{i}.input_layernorm.weight    -> layer_i/mixer_norm/scale
-  ...post_attention_layernorm.weight         -> layer_i/mlp_norm/scale
-  ...self_attn.{q,k,v}_proj.weight [H d, D]  -> layer_i/mixer/{q,k,v} [D, H, d]
-  ...self_attn.{q,k,v}_proj.bias [H d]       -> layer_i/mixer/{q,k,v}_bias [H, d]     (Qwen2)
-  ...self_attn.o_proj.weight [D, H d]        -> layer_i/mixer/o [H, d, D]
-  ...self_attn.{q,k}_norm.weight [d]         -> layer_i/mixer/{q,k}_norm/scale        (Qwen3)
-  ...mlp.{gate,up}_proj.weight [F, D]        -> layer_i/mlp/{gate,up} [D, F]
-  ...mlp.down_proj.weight [D, F]             -> layer_i/mlp/down [F, D]
+Three layouts, chosen by the model on export and by config.json (and the tensors) on import:
+- transformers' Llama, Mistral, Qwen2 and Qwen3 causal LMs (this module; tensor names in
+  common.py): `DecoderLM(cfg).apply({"params": params}, tokens)` gives the logits transformers
+  gives for the same directory, and transformers loads what save_pretrained writes;
+- SpikingBrain-7B's GLA / sliding-window hybrid (spikingbrain.py);
+- lctx's own layout for every other model (lctx_layout.py: Lightning, parallel hybrids, MoE...),
+  whose config.json says so and which round-trips bit-exactly.
 Every tensor is read once from its memory map and placed straight into its shard when a mesh is
 given (jax.make_array_from_callback reads only the shard's slice), so host memory stays near the
 model plus one tensor. Settings: rope_theta and rope_scaling (default, linear, dynamic, llama3,
@@ -30,45 +24,31 @@ import json
 import math
 import os
 import shutil
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import ml_dtypes
+from flax import linen as nn
 
 from layers.attention import AttentionConfig
-from layers.rope import ROPE_TYPES, RopeScaling
 from lctx.config import ModelConfig
+from lctx.convert import lctx_layout
 from lctx.convert import safetensors_io as st
+from lctx.convert import spikingbrain
+from lctx.convert.common import (CONFIG, ConversionError, TensorMapping, attention_maps,
+                                 block_maps, embedding_maps, get_path, read_config,
+                                 rope_scaling_to_hf, rope_settings, set_path)
 
-CONFIG = "config.json"
+__all__ = ["ConversionError", "read_config", "rope_settings", "load_pretrained",
+           "save_pretrained", "export_config", "copy_tokenizer_files", "param_shardings"]
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 MAX_SHARD_BYTES = 5 * 10**9
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-
-
-class ConversionError(ValueError):
-  """A checkpoint or config that cannot be converted; the message names the file and key."""
-
-
-# ------------------------------------------------------------------------------------------------
-# config.json <-> ModelConfig
-
-
-def read_config(directory: str) -> dict:
-  path = os.path.join(directory, CONFIG)
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise ConversionError(f"{path}: no such file (a Hugging Face model directory holds "
-                          f"{CONFIG} and its safetensors)") from None
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{path}: not JSON ({e})") from None
 
 
 def family_of(hf: dict, where: str) -> str:
@@ -78,48 +58,6 @@ def family_of(hf: dict, where: str) -> str:
     raise ConversionError(f"{where}: architectures={archs!r} is not supported; supported: "
                           f"{sorted(FAMILIES)}")
   return known[0]
-
-
-def rope_settings(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
-  """(rope_theta, RopeScaling or None) of a config.json dict (legacy rope_scaling or
-  transformers 5's rope_parameters)."""
-  params, legacy = hf.get("rope_parameters"), hf.get("rope_scaling")
-  kind_of = lambda d: d.get("rope_type", d.get("type", "default"))
-  if isinstance(params, dict) and "rope_theta" in params:  # transformers 5
-    if legacy and kind_of(legacy) != kind_of(params):
-      raise ConversionError(f"{where}: rope_parameters (type {kind_of(params)!r}) and "
-                            f"rope_scaling (type {kind_of(legacy)!r}) disagree")
-    theta, scaling = params["rope_theta"], dict(params)
-  else:
-    theta, scaling = hf.get("rope_theta", 10_000.0), dict(legacy or {})
-  kind = kind_of(scaling)
-  if kind not in ROPE_TYPES:
-    raise ConversionError(f"{where}: rope_scaling type {kind!r} is not supported; supported: "
-                          f"{ROPE_TYPES}")
-  if float(hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))) != 1.0:
-    raise ConversionError(f"{where}: partial_rotary_factor != 1 is not supported")
-  if kind == "default":
-    return float(theta), None
-  max_pos = hf.get("max_position_embeddings")
-  original = scaling.get("original_max_position_embeddings")
-  factor = scaling.get("factor")
-  if factor is None and kind == "yarn" and original and max_pos:
-    factor = max_pos / original
-  if factor is None:
-    raise ConversionError(f"{where}: rope_scaling {kind!r} has no factor")
-  fields = dict(rope_type=kind, factor=float(factor), max_position=max_pos,
-                original_max_position=original)
-  for key, name in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
-                    ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
-                    ("attention_factor", "attention_factor"), ("mscale", "mscale"),
-                    ("mscale_all_dim", "mscale_all_dim"), ("truncate", "truncate")):
-    if scaling.get(key) is not None:
-      value = scaling[key]
-      fields[name] = bool(value) if name == "truncate" else float(value)
-  try:
-    return float(theta), RopeScaling(**fields)
-  except ValueError as e:
-    raise ConversionError(f"{where}: rope_scaling: {e}") from None
 
 
 def config_from_hf(hf: dict, where: str = CONFIG, *, param_dtype: str = "float32",
@@ -164,11 +102,11 @@ def config_from_hf(hf: dict, where: str = CONFIG, *, param_dtype: str = "float32
                      scale_tied_logits=False, dtype=dtype, param_dtype=param_dtype)
 
 
-def _exportable(cfg: ModelConfig) -> AttentionConfig:
-  """The attention config of a model a transformers class holds; ConversionError otherwise."""
+def transformers_reasons(cfg: ModelConfig) -> list[str]:
+  """Why no transformers class holds `cfg` (empty when one does)."""
   reasons = []
   if set(cfg.layer_mixers()) != {"attention"}:
-    reasons.append(f"mixers {sorted(set(cfg.layer_mixers()))} (only 'attention' layers)")
+    return [f"mixers {sorted(set(cfg.layer_mixers()))} (only 'attention' layers)"]
   if cfg.moe.enabled:
     reasons.append("MoE FFNs")
   if cfg.spiking.enabled:
@@ -186,15 +124,15 @@ def _exportable(cfg: ModelConfig) -> AttentionConfig:
     reasons.append("q/k/v biases with a window")
   if att.qk_norm and att.window is not None:
     reasons.append("q/k norms with a window")
-  if reasons:
-    raise ConversionError("save_pretrained: this model has no Hugging Face class: "
-                          + "; ".join(reasons))
-  return att
+  return reasons
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-  """config.json of a model that load_pretrained maps back to `cfg`."""
-  att = _exportable(cfg)
+  """config.json of a transformers-family model that load_pretrained maps back to `cfg`."""
+  reasons = transformers_reasons(cfg)
+  if reasons:
+    raise ConversionError("this model has no transformers class: " + "; ".join(reasons))
+  att = cfg.mixer_config("attention")
   head_dim = att.resolved_head_dim(cfg.d_model)
   if att.qk_norm:
     arch, model_type = "Qwen3ForCausalLM", "qwen3"
@@ -222,18 +160,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   if model_type in ("qwen2", "qwen3"):
     hf["use_sliding_window"] = False
   if s is not None:
-    scaling = {"rope_type": s.rope_type, "factor": s.factor}
-    if s.original_max_position:
-      scaling["original_max_position_embeddings"] = s.original_max_position
-    if s.rope_type == "llama3":
-      scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
-    if s.rope_type == "yarn":
-      scaling.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
-      if s.attention_factor is not None:
-        scaling["attention_factor"] = s.attention_factor
-      if s.mscale:
-        scaling.update(mscale=s.mscale, mscale_all_dim=s.mscale_all_dim)
-    hf["rope_scaling"] = scaling
+    hf["rope_scaling"] = rope_scaling_to_hf(s)
   return hf
 
 
@@ -241,65 +168,16 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 # Tensor names and layouts.
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMapping:
-  """One tensor: its HF name, its lctx path and the two layout changes (numpy views)."""
-  hf: str
-  path: tuple[str, ...]
-  to_lctx: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
-  hf_shape: tuple[int, ...]
-
-
 def tensor_map(cfg: ModelConfig) -> list[TensorMapping]:
   """The mappings of every tensor of `cfg` (a model of the supported families)."""
   att = cfg.mixer_config("attention")
   e, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
   h, kh, d = att.num_heads, att.kv_heads, att.resolved_head_dim(e)
-  same = lambda x: x
-  t = lambda x: x.T
-
-  def proj_in(heads):  # [heads d, e] <-> [e, heads, d]
-    return (lambda w: w.T.reshape(e, heads, d), lambda w: w.reshape(e, heads * d).T)
-
-  out = [TensorMapping("model.embed_tokens.weight", ("embedding",), same, same, (v, e)),
-         TensorMapping("model.norm.weight", ("final_norm", "scale"), same, same, (e,))]
-  if not cfg.tie_embeddings:
-    out.append(TensorMapping("lm_head.weight", ("head",), t, t, (v, e)))
+  out = embedding_maps(cfg)
   for i in range(cfg.num_layers):
-    p, layer = f"model.layers.{i}.", f"layer_{i}"
-    out += [TensorMapping(p + "input_layernorm.weight", (layer, "mixer_norm", "scale"), same, same, (e,)),
-            TensorMapping(p + "post_attention_layernorm.weight", (layer, "mlp_norm", "scale"), same,
-                    same, (e,))]
-    for name, heads in (("q", h), ("k", kh), ("v", kh)):
-      out.append(TensorMapping(p + f"self_attn.{name}_proj.weight", (layer, "mixer", name),
-                         *proj_in(heads), (heads * d, e)))
-      if att.qkv_bias:
-        out.append(TensorMapping(p + f"self_attn.{name}_proj.bias", (layer, "mixer", name + "_bias"),
-                           lambda b, heads=heads: b.reshape(heads, d), lambda b: b.reshape(-1),
-                           (heads * d,)))
-    out.append(TensorMapping(p + "self_attn.o_proj.weight", (layer, "mixer", "o"),
-                       lambda w: w.T.reshape(h, d, e), lambda w: w.reshape(h * d, e).T,
-                       (e, h * d)))
-    if att.qk_norm:
-      for name in ("q", "k"):
-        out.append(TensorMapping(p + f"self_attn.{name}_norm.weight", (layer, "mixer", f"{name}_norm",
-                                                                   "scale"), same, same, (d,)))
-    for name, shape in (("gate", (f, e)), ("up", (f, e)), ("down", (e, f))):
-      out.append(TensorMapping(p + f"mlp.{name}_proj.weight", (layer, "mlp", name), t, t, shape))
+    out += block_maps(i, e, f)
+    out += attention_maps(i, e, h, kh, d, qkv_bias=att.qkv_bias, qk_norm=att.qk_norm)
   return out
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def _get(tree, path: tuple[str, ...]):
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,8 +196,33 @@ def _stored_dtype(index: st.TensorIndex, names) -> str:
   return "bfloat16" if kinds == {"BF16"} else "float32"
 
 
+def _import_layout(directory: str, hf: dict, where: str):
+  """(ModelConfig, tensor mappings, TensorIndex) of a directory, by its config.json and tensors;
+  the config is checked before any tensor is read (only the files' headers are)."""
+  if hf.get("model_type") == lctx_layout.MODEL_TYPE:
+    cfg = lctx_layout.config_from_hf(hf, where)
+    return cfg, lctx_layout.tensor_map(cfg), _index(directory)
+  archs = hf.get("architectures") or []
+  if any(a in FAMILIES for a in archs):
+    cfg = config_from_hf(hf, where)
+    return cfg, tensor_map(cfg), _index(directory)
+  index = _index(directory) if os.path.isdir(directory) else None
+  if index is not None and spikingbrain.gla_layers(index.names()):
+    cfg = spikingbrain.config_from_hf(hf, where, index.names())
+    return cfg, spikingbrain.tensor_map(cfg), index
+  family_of(hf, where)  # raises: the architecture is not supported
+  raise AssertionError("unreachable")
+
+
+def _index(directory: str) -> st.TensorIndex:
+  try:
+    return st.TensorIndex(directory)
+  except st.CheckpointFileError as e:
+    raise ConversionError(str(e)) from None
+
+
 def load_pretrained(directory: str, *, mesh=None, param_dtype: str | None = None,
-                    dtype: str = "float32") -> tuple[ModelConfig, dict]:
+                    dtype: str | None = None) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params) of a Hugging Face model directory.
 
   Args:
@@ -329,17 +232,15 @@ def load_pretrained(directory: str, *, mesh=None, param_dtype: str | None = None
       rules); None puts them on the default device.
     param_dtype: "float32" or "bfloat16"; None keeps bfloat16 when every tensor is stored so and
       float32 otherwise.
-    dtype: the compute dtype of the returned ModelConfig.
+    dtype: the compute dtype of the returned ModelConfig; None: float32, or the one a config.json
+      lctx wrote records.
   Raises ConversionError (a ValueError) naming the file and key for a missing or truncated file,
   an unknown architecture or rope scaling, and a tensor whose shape disagrees with config.json.
   """
   where = os.path.join(directory, CONFIG)
-  cfg = config_from_hf(read_config(directory), where, dtype=dtype)  # before any tensor is read
-  try:
-    index = st.TensorIndex(directory)
-  except st.CheckpointFileError as e:
-    raise ConversionError(str(e)) from None
-  mappings = tensor_map(cfg)
+  cfg, mappings, index = _import_layout(directory, read_config(directory), where)
+  if dtype is not None:
+    cfg = dataclasses.replace(cfg, dtype=dtype)
   missing = [m.hf for m in mappings if m.hf not in index]
   if missing:
     raise ConversionError(f"{directory}: the checkpoint lacks {missing[:3]} ({len(missing)} "
@@ -359,14 +260,29 @@ def load_pretrained(directory: str, *, mesh=None, param_dtype: str | None = None
       value = jnp.asarray(np.asarray(view, dtype=np_dtype))
     else:
       value = jax.make_array_from_callback(
-          view.shape, _get(shardings, m.path),
+          view.shape, get_path(shardings, m.path),
           lambda idx, view=view: np.asarray(view[idx], dtype=np_dtype))
-    _set(params, m.path, value)
+    set_path(params, m.path, value)
   return cfg, params
 
 
 # ------------------------------------------------------------------------------------------------
 # Export.
+
+
+def export_layout(cfg: ModelConfig) -> tuple[str, dict, list[TensorMapping]]:
+  """(layout name, config.json, tensor mappings) that save_pretrained writes for `cfg`: the
+  transformers family that holds it, else SpikingBrain's layout, else lctx's own."""
+  if not transformers_reasons(cfg):
+    return "transformers", config_to_hf(cfg), tensor_map(cfg)
+  if not spikingbrain.reasons(cfg):
+    return "spikingbrain", spikingbrain.config_to_hf(cfg), spikingbrain.tensor_map(cfg)
+  return "lctx", lctx_layout.config_to_hf(cfg), lctx_layout.tensor_map(cfg)
+
+
+def export_config(cfg: ModelConfig) -> dict:
+  """The config.json save_pretrained writes for `cfg` (no array is read)."""
+  return export_layout(cfg)[1]
 
 
 def save_pretrained(out: str, cfg: ModelConfig, params: dict, *,
@@ -376,14 +292,14 @@ def save_pretrained(out: str, cfg: ModelConfig, params: dict, *,
 
   Files above `max_shard_bytes` are split into model-0000i-of-0000n.safetensors with
   model.safetensors.index.json. Tensors keep the parameters' dtype. `tokenizer_dir`: copy its
-  tokenizer files (tokenizer.json and friends) along.
+  tokenizer files (tokenizer.json and friends) along. The layout is export_layout's.
   """
-  hf = config_to_hf(cfg)
-  mappings = tensor_map(cfg)
+  _, hf, mappings = export_layout(cfg)
+  params = nn.unbox(params)
   os.makedirs(out, exist_ok=True)
   sizes = []
   for m in mappings:
-    leaf = _get(params, m.path)
+    leaf = get_path(params, m.path)
     sizes.append(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize)
   groups, current, used = [], [], 0
   for m, size in zip(mappings, sizes):
@@ -400,7 +316,7 @@ def save_pretrained(out: str, cfg: ModelConfig, params: dict, *,
       os.remove(os.path.join(out, stale))
 
   def host(m):
-    array = np.asarray(jax.device_get(_get(params, m.path)))
+    array = np.asarray(jax.device_get(get_path(params, m.path)))
     return np.ascontiguousarray(m.to_hf(array))
 
   weight_map = {}
