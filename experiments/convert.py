@@ -80,6 +80,10 @@ def import_hf(source: str, workdir: str, layout: str | None = None) -> None:
   if new is not None:
     _log(f"converted to {layout}: mixers {cfg.layer_mixers()}; new parameters: "
          f"{', '.join(new) or 'none'}")
+    if cfg.moe.enabled:
+      moe_layers = [i for i in range(cfg.num_layers) if cfg.uses_moe(i)]
+      _log(f"  the FFNs of layers {moe_layers} upcycled into {cfg.moe.num_experts} routed + "
+           f"{cfg.moe.num_shared_experts} shared experts (lctx/upcycle.py)")
   _log(f"  checkpoint:  {ckpt_dir}/0 (parameters only)")
   _log(f"  model:       {os.path.join(workdir, MODEL_GIN)}")
   _log(f"  generate:    python -m experiments.run --gin_file={os.path.join(workdir, MODEL_GIN)} "

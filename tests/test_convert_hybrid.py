@@ -154,3 +154,28 @@ def test_attention_transfer_trains_only_new_parameters_and_lowers_the_layer_erro
   err0 = transfer.layer_errors(student, teacher, before, labeler, batch)
   err1 = transfer.layer_errors(student, teacher, after, labeler, batch)
   assert list(err0) == [0] and err1[0] < 0.9 * err0[0], (err0, err1)
+
+
+def test_conversion_composes_with_upcycling_to_moe(tmp_path):
+  from layers.moe import upcycle_scale
+  layout = tmp_path / "moe_layout.gin"
+  layout.write_text("include 'gin/models/spikingbrain_7b.gin'\n"
+                    "MoEConfig.enabled = True\nMoEConfig.num_experts = 4\n"
+                    "MoEConfig.dense_layers = [0]\n")
+  dense, params = hf.load_pretrained(os.path.join(DATA, "qwen2"))
+  cfg = hybrid.hybrid_config(dense, _layout(str(layout), 2), "layout")
+  assert cfg.moe.enabled and cfg.uses_moe(1) and not cfg.uses_moe(0)
+  out, new = hybrid.convert_params(dense, params, cfg)
+  assert "mlp" in out["layer_0"] and "mlp" not in out["layer_1"]
+  alpha = upcycle_scale(cfg.moe)
+  experts = _flat(out["layer_1"]["moe"])
+  dense_up = np.asarray(params["layer_1"]["mlp"]["up"])
+  ups = [v for k, v in experts.items() if k.endswith("up")]
+  assert ups and all(np.allclose(np.asarray(u)[..., :, :].reshape(-1, *dense_up.shape),
+                                 alpha * dense_up) for u in ups)
+  logits = DecoderLM(cfg).apply({"params": out}, jnp.zeros((1, 8), jnp.int32))
+  assert np.isfinite(np.asarray(logits)).all()
+  wide = tmp_path / "wide.gin"
+  wide.write_text(layout.read_text() + "MoEConfig.d_expert = 128\n")
+  with pytest.raises(hybrid.LayoutError, match="d_expert=128 differs from the dense FFN width 64"):
+    hybrid.hybrid_config(dense, _layout(str(wide), 2), "layout")

@@ -8,7 +8,8 @@ gate, the output norm, a hedgehog feature map), initialised as SpikingBrain init
 layers (xavier-uniform with gain 2^-2.5, zero gate bias, so the gate logsigmoid(.) / tau starts
 near -ln(2) / tau and a fresh layer forgets slowly; norms at 1, hedgehog maps at identity);
 attention and sliding-window layers keep every attention weight. The head layout (heads, kv
-heads, head_dim, q/k/v biases) and the RoPE settings always come from the dense model.
+heads, head_dim, q/k/v biases) and the RoPE settings always come from the dense model. A layout
+with MoE FFNs (MoEConfig.enabled) gets them by upcycling the dense FFNs (lctx/upcycle.py).
 """
 
 import dataclasses
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 from lctx.config import ModelConfig
 from lctx.model import DecoderLM
+from lctx.upcycle import upcycle_model_params
 
 SOFTMAX = ("attention", "swa")
 LINEAR = ("linear", "lightning", "gla")
@@ -59,8 +61,11 @@ def hybrid_config(dense: ModelConfig, layout: ModelConfig, where: str) -> ModelC
       if name == "attention":
         fields["window"] = att.window
     options[name] = dataclasses.replace(cfg, **fields)
+  if layout.moe.enabled and layout.moe.expert_width(dense.d_ff) != dense.d_ff:
+    raise LayoutError(f"{where}: MoEConfig.d_expert={layout.moe.d_expert} differs from the "
+                      f"dense FFN width {dense.d_ff}; upcycled experts are copies of the FFN")
   return dataclasses.replace(dense, mixers=mixers, mixer_options=options,
-                             spiking=layout.spiking)
+                             spiking=layout.spiking, moe=layout.moe)
 
 
 def teacher_attention(dense: ModelConfig, hybrid: ModelConfig):
@@ -84,7 +89,13 @@ def _new_init(path: tuple[str, ...], leaf, key):
 
 def convert_params(dense: ModelConfig, dense_params: dict, hybrid: ModelConfig,
                    seed: int = 0) -> tuple[dict, list[str]]:
-  """(hybrid params, paths of the new parameters); every dense tensor is reused bit-exactly."""
+  """(hybrid params, paths of the new parameters); every dense tensor is reused bit-exactly.
+
+  With the layout's MoEConfig enabled, the FFNs outside its dense_layers are first upcycled into
+  experts (lctx/upcycle.py: copies of the FFN scaled by alpha, a small random router)."""
+  if hybrid.moe.enabled:
+    dense_params = upcycle_model_params(dense_params, hybrid.moe,
+                                        rng=jax.random.key(seed + 2))
   init = jax.jit(lambda key: DecoderLM(hybrid).init(key, jnp.zeros((1, 2), jnp.int32))["params"])
   fresh = nn.unbox(init(jax.random.key(seed)))
   flat_dense = {tuple(k.key for k in path): leaf
