@@ -24,8 +24,17 @@ def command(workdir, *extra):
   return [sys.executable, "-m", "experiments.run", f"--workdir={workdir}", *TINY, *extra]
 
 
-def env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a process the tests start: the suite's (tests/conftest.py) and, when given,
+  that many fake CPU devices."""
+  flags = os.environ.get("LCTX_TEST_XLA_FLAGS", "")
+  if devices:
+    flags += f" --xla_force_host_platform_device_count={devices}"
+  return flags.strip()
+
+
+def env(devices: int | None = None):
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(devices))
 
 
 def run(workdir, *extra, timeout=300):

@@ -16,8 +16,8 @@ _PRELUDE = "import jax\njax.config.update('jax_default_matmul_precision', 'highe
 
 def run_with_devices(code: str, n: int = 8, timeout: int = 600) -> str:
   """Runs `code` (dedented) with n fake CPU devices; returns its stdout, failing on a nonzero exit."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  from tests import cli
+  env = cli.env(devices=n)
   proc = subprocess.run([sys.executable, "-c", _PRELUDE + textwrap.dedent(code)], env=env,
                         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -39,6 +39,14 @@ _RUNNER = textwrap.dedent("""
 """)
 
 
+def _env(command_env: dict) -> dict:
+  """The test environment with a command's own variables; its XLA_FLAGS join the suite's."""
+  env = dict(cli.env(), **command_env)
+  if "XLA_FLAGS" in command_env:
+    env["XLA_FLAGS"] = f"{cli.xla_flags()} {command_env['XLA_FLAGS']}".strip()
+  return env
+
+
 def readme_commands() -> list[tuple[dict, list[str]]]:
   """(environment variables, argv after `python -m experiments.run`) of each README command."""
   with open(README) as f:
@@ -89,6 +97,6 @@ def run_readme_commands(directory: str) -> ReadmeRuns:
     groups[-1].argvs.append(argv + TINY_SIZE)
   for group in groups:
     group.proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(group.argvs)],
-                                cwd=directory, env=dict(cli.env(), **group.env),
+                                cwd=directory, env=_env(group.env),
                                 capture_output=True, text=True, timeout=600)
   return ReadmeRuns(directory, groups)

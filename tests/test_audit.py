@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from experiments import hlo_collectives as hc
+from tests import cli
 from tests.multidevice import ROOT
 
 _HLO = """HloModule m
@@ -53,8 +54,7 @@ def test_parser_refuses_collectives_in_unknown_loops():
 
 def test_audit_tiny(tmp_path):
   out = str(tmp_path / "audit")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = cli.env(devices=8)
   proc = subprocess.run([sys.executable, "-m", "experiments.audit", "--seq_len", "256", "--heads", "2",
                          "--kv_heads", "2", "--head_dim", "16", "--shards", "4", "--chunk_size",
                          "16", "--repeats", "1", "--out", out], cwd=ROOT, env=env,

@@ -282,7 +282,7 @@ def test_generate_requests_the_model_cannot_serve_are_refused(trained):
 
 
 def test_parameters_that_do_not_divide_over_the_mesh_fail_before_tracing(tmp_path):
-  env = dict(cli.env(), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cli.env(devices=2)
   proc = subprocess.run(cli.command(tmp_path, "--gin.MeshConfig.data=1",
                                     "--gin.MeshConfig.tensor=2", "--gin.ModelConfig.d_ff=63"),
                         cwd=cli.ROOT, env=env, capture_output=True, text=True, timeout=120)

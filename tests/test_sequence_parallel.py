@@ -151,7 +151,7 @@ def test_gated_deltanet_hybrid_sharded_equals_unsharded():
 
 
 def _devices_env(n=8):
-  return dict(cli.env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+  return cli.env(devices=n)
 
 
 def test_gin_preset_selects_method_and_trains(readme_runs):

@@ -17,7 +17,8 @@ continuation, ABF's loss over the positions beyond L is below linear interpolati
 two standard errors of the paired per-row difference (the same eval rows score every variant).
 
 The CPU scale (the default) trains 2-layer d_model 128 models: 1200 steps of 16 rows of 128 bytes,
-then 300 steps of 4 rows of 512 bytes per variant (the same tokens per step). `--paper` names
+then 300 steps of 4 rows of 512 bytes per variant (the same tokens per step): about 9 minutes on
+2 cores. `--paper` names
 Llama 2 Long's setting for the record (7B, 4K -> 32K, 400B tokens), far beyond this machine.
 """
 

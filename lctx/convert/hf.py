@@ -41,7 +41,7 @@ from lctx.convert.common import (CONFIG, ConversionError, TensorMapping, attenti
                                  rope_scaling_to_hf, rope_settings, set_path)
 
 __all__ = ["ConversionError", "read_config", "rope_settings", "load_pretrained",
-           "save_pretrained", "export_config", "copy_tokenizer_files", "param_shardings"]
+           "save_pretrained", "export_layout", "copy_tokenizer_files", "param_shardings"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -278,11 +278,6 @@ def export_layout(cfg: ModelConfig) -> tuple[str, dict, list[TensorMapping]]:
   if not spikingbrain.reasons(cfg):
     return "spikingbrain", spikingbrain.config_to_hf(cfg), spikingbrain.tensor_map(cfg)
   return "lctx", lctx_layout.config_to_hf(cfg), lctx_layout.tensor_map(cfg)
-
-
-def export_config(cfg: ModelConfig) -> dict:
-  """The config.json save_pretrained writes for `cfg` (no array is read)."""
-  return export_layout(cfg)[1]
 
 
 def save_pretrained(out: str, cfg: ModelConfig, params: dict, *,
