@@ -87,6 +87,19 @@ def rope_settings(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
     raise ConversionError(f"{where}: rope_scaling: {e}") from None
 
 
+def block_reasons(cfg: ModelConfig) -> list[str]:
+  """What no Hugging Face-style layout of this package holds outside the mixers: MoE FFNs,
+  mixer-only blocks, a scaled tied head."""
+  out = []
+  if cfg.moe.enabled:
+    out.append("MoE FFNs")
+  if cfg.d_ff == 0:
+    out.append("d_ff=0")
+  if cfg.tie_embeddings and cfg.scale_tied_logits:
+    out.append("scale_tied_logits=True (Hugging Face ties without a scale)")
+  return out
+
+
 def rope_scaling_to_hf(s: RopeScaling) -> dict:
   """config.json's rope_scaling of a RopeScaling (what rope_settings reads back)."""
   scaling = {"rope_type": s.rope_type, "factor": s.factor}

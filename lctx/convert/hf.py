@@ -37,8 +37,8 @@ from lctx.convert import lctx_layout
 from lctx.convert import safetensors_io as st
 from lctx.convert import spikingbrain
 from lctx.convert.common import (CONFIG, ConversionError, TensorMapping, attention_maps,
-                                 block_maps, embedding_maps, get_path, read_config,
-                                 rope_scaling_to_hf, rope_settings, set_path)
+                                 block_maps, block_reasons, embedding_maps, get_path,
+                                 read_config, rope_scaling_to_hf, rope_settings, set_path)
 
 __all__ = ["ConversionError", "read_config", "rope_settings", "load_pretrained",
            "save_pretrained", "export_layout", "copy_tokenizer_files", "param_shardings"]
@@ -104,17 +104,11 @@ def config_from_hf(hf: dict, where: str = CONFIG, *, param_dtype: str = "float32
 
 def transformers_reasons(cfg: ModelConfig) -> list[str]:
   """Why no transformers class holds `cfg` (empty when one does)."""
-  reasons = []
   if set(cfg.layer_mixers()) != {"attention"}:
     return [f"mixers {sorted(set(cfg.layer_mixers()))} (only 'attention' layers)"]
-  if cfg.moe.enabled:
-    reasons.append("MoE FFNs")
+  reasons = block_reasons(cfg)
   if cfg.spiking.enabled:
     reasons.append("spiking")
-  if cfg.d_ff == 0:
-    reasons.append("d_ff=0")
-  if cfg.tie_embeddings and cfg.scale_tied_logits:
-    reasons.append("scale_tied_logits=True (transformers ties without a scale)")
   att = cfg.mixer_config("attention")
   if not att.use_rope:
     reasons.append("use_rope=False")

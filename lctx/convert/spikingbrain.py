@@ -25,8 +25,8 @@ from layers.linear_mixers import GLAConfig
 from lctx.config import ModelConfig
 from lctx.convert import config_json
 from lctx.convert.common import (SAME, T, ConversionError, TensorMapping, attention_maps,
-                                 block_maps, embedding_maps, rope_scaling_to_hf,
-                                 rope_settings)
+                                 block_maps, block_reasons, embedding_maps,
+                                 rope_scaling_to_hf, rope_settings)
 
 ARCH = "SpikingBrainForCausalLM"  # what lctx writes; import does not rely on it
 MODEL_TYPE = "spikingbrain"
@@ -58,12 +58,7 @@ def reasons(cfg: ModelConfig) -> list[str]:
     if getattr(gla, field) != getattr(GLA_TEMPLATE, field):
       out.append(f"GLAConfig.{field}={getattr(gla, field)!r} (SpikingBrain: "
                  f"{getattr(GLA_TEMPLATE, field)!r})")
-  if cfg.moe.enabled:
-    out.append("MoE FFNs")
-  if cfg.d_ff == 0:
-    out.append("d_ff=0")
-  if cfg.tie_embeddings and cfg.scale_tied_logits:
-    out.append("scale_tied_logits=True")
+  out += block_reasons(cfg)
   if "swa" in mixers:
     swa = cfg.mixer_config("swa")
     heads = lambda c: (c.num_heads, c.kv_heads, c.resolved_head_dim(cfg.d_model), c.qkv_bias)
