@@ -3,8 +3,8 @@ YaRN, compared by loss per position bucket up to 4x the training length.
 
   python -m experiments.tables.rope_extension [--paper] [--out DIR]
 
-A small softmax-attention model trains at length L on the embedded stdlib corpus's packages (byte tokens,
-document masking), then continues at 4L from the same parameters, once per way of treating RoPE:
+A small softmax-attention model trains at length L on the embedded stdlib corpus's packages
+(byte tokens, document masking), then continues at 4L from the same parameters, once per way of treating RoPE:
   same:   the base unchanged (1e4);
   abf:    the base raised 50x (Llama 2 Long's "adjusted base frequency": 1e4 -> 5e5);
   linear: position interpolation, positions divided by 4 (RopeScaling linear, factor 4);
@@ -107,7 +107,8 @@ def train(cfg: ModelConfig, data: DataConfig, params, steps: int, lr: float, see
   model = DecoderLM(cfg)
   if params is None:
     params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"]
-  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)  # the step donates its state; the caller keeps its own
+  # The step donates its state; the caller keeps its own parameters.
+  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)
   tx, schedule = make_optimizer(OptimizerConfig(learning_rate=lr, warmup_steps=steps // 10,
                                                 weight_decay=0.1, clip_norm=1.0), steps)
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
