@@ -129,10 +129,10 @@ def test_attention_transfer_trains_only_new_parameters_and_lowers_the_layer_erro
   teacher = transfer.teacher_config(student, configs["transfer"])
   assert teacher.layer_mixers() == ("attention", "attention")
   labeler = transfer.param_labeler(student, teacher)
-  abstract = jax.eval_shape(lambda: DecoderLM(student).init(jax.random.key(0),
-                                                            jnp.zeros((1, 2), jnp.int32)))
-  from flax import linen as nn
-  abstract = nn.unbox(abstract["params"])
+  import optax
+  from lctx.state import build
+  from sharding.mesh import make_mesh
+  abstract = build(student, make_mesh(configs["mesh"]), optax.identity()).abstract_params
 
   def restore(directory, step):
     ckpt = Checkpointer(os.path.join(directory, "checkpoints"))
