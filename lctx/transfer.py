@@ -89,14 +89,9 @@ def teacher_config(student: ModelConfig, transfer: TransferConfig) -> ModelConfi
                              mixer_options=(("attention", teacher),))
 
 
-def _paths(tree) -> dict[tuple, tuple]:
-  return {tuple(k.key for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def param_labeler(student: ModelConfig, teacher: ModelConfig):
   """params -> a tree of TRAINED (parameters the teacher does not have: the new ones) and FROZEN
-  (the rest); works on boxed and unboxed trees, as optax.multi_transform calls it."""
+  (the rest); works on boxed and unboxed trees (build initialises the optimizer on boxed ones)."""
   abstract = jax.eval_shape(lambda: DecoderLM(teacher).init(jax.random.key(0),
                                                             jnp.zeros((1, 2), jnp.int32)))
   shared = {k: v.shape for k, v in _flat(nn.unbox(abstract["params"])).items()}
