@@ -67,6 +67,9 @@ def pack(
     seq_len: int,
     *,
     max_consecutive_empty: int | None = None,
+    segment_len: int | None = None,
+    packing: str = "concat",
+    max_tokens: int | None = None,
 ) -> grain.IterDataset:
   """Tokenizes `docs` and packs them into rows of `seq_len` tokens.
 
@@ -76,6 +79,7 @@ def pack(
     seq_len: Row length.
     max_consecutive_empty: See `NonEmpty`; None disables the check (fine for
       finite datasets).
+    segment_len, packing, max_tokens: see `pack_tokens`.
 
   Returns:
     Dataset of rows with keys tokens, tokens_segment_ids, tokens_positions.
@@ -84,6 +88,9 @@ def pack(
       docs.map(Tokenize(tokenizer)),
       seq_len,
       max_consecutive_empty=max_consecutive_empty,
+      segment_len=segment_len,
+      packing=packing,
+      max_tokens=max_tokens,
   )
 
 

@@ -219,9 +219,8 @@ def mixture_rows(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int = 0,
     table, shuffled = _shard_pieces(docs, name, piece_length, cfg.seed, stream, shard_index,
                                     shard_count)
     # A piece of c characters has at most 4c byte tokens (and fewer for any other tokenizer).
-    parts.append(packing.pack_tokens(
-        shuffled.repeat().map(packing.Tokenize(tokenizer)), cfg.seq_len,
-        max_consecutive_empty=2 * len(table) + 100,
+    parts.append(packing.pack(
+        shuffled.repeat(), tokenizer, cfg.seq_len, max_consecutive_empty=2 * len(table) + 100,
         segment_len=src.segment_len(cfg.seq_len), packing=src.packing,
         max_tokens=4 * piece_length))
   return grain.IterDataset.mix(parts, list(cfg.mixture_weights))

@@ -30,9 +30,10 @@ class WeightedDocuments:
   weight: float
 
 
-def _user_split(cfg: DataConfig) -> documents.Split:
-  docs = readers.read_documents(cfg.source, cfg.paths, cfg.text_field)
-  return documents.split_every_nth(docs, cfg.eval_every_nth)
+def _user_split(files: DataConfig | SourceConfig, eval_every_nth: int) -> documents.Split:
+  """The train / held-out split of the user's files of a DataConfig or a mixture's source."""
+  docs = readers.read_documents(files.source, files.paths, files.text_field)
+  return documents.split_every_nth(docs, eval_every_nth)
 
 
 def _named_split(cfg: DataConfig, src: SourceConfig) -> documents.Split:
@@ -41,8 +42,7 @@ def _named_split(cfg: DataConfig, src: SourceConfig) -> documents.Split:
     return corpus.long_documents(cfg.eval_every_nth)
   if src.source == "stdlib_short":
     return corpus.short_documents(cfg.eval_every_nth)
-  docs = readers.read_documents(src.source, src.paths, src.text_field)
-  return documents.split_every_nth(docs, cfg.eval_every_nth)
+  return _user_split(src, cfg.eval_every_nth)
 
 
 def _same_documents(src: SourceConfig):
@@ -102,7 +102,7 @@ def train_documents(cfg: DataConfig) -> list[WeightedDocuments]:
   else:
     kinds = [
         WeightedDocuments(
-            f"{cfg.source} files", _user_split(cfg).train, 1.0
+            f"{cfg.source} files", _user_split(cfg, cfg.eval_every_nth).train, 1.0
         )
     ]
   for kind in kinds:
@@ -139,7 +139,7 @@ def eval_documents(cfg: DataConfig) -> Sequence[str]:
         seen.add(_same_documents(src))
         docs.extend(_named_split(cfg, src).eval)
   else:
-    docs = _user_split(cfg).eval
+    docs = _user_split(cfg, cfg.eval_every_nth).eval
   if not docs:
     raise ValueError(
         f"DataConfig.eval_every_nth: no held-out documents for source"
