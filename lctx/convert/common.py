@@ -25,6 +25,7 @@ import numpy as np
 
 from layers.rope import ROPE_TYPES, RopeScaling
 from lctx.config import ModelConfig
+from lctx.convert import config_json
 
 CONFIG = "config.json"
 
@@ -85,6 +86,28 @@ def rope_settings(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
     return float(theta), RopeScaling(**fields)
   except ValueError as e:
     raise ConversionError(f"{where}: rope_scaling: {e}") from None
+
+
+def required(hf: dict, key: str, where: str):
+  """config.json's `key`; ConversionError naming the file if it is missing."""
+  if key not in hf:
+    raise ConversionError(f"{where}: {key} is missing")
+  return hf[key]
+
+
+def check_silu(hf: dict, where: str) -> None:
+  """lctx's FFN is SwiGLU: any other hidden_act is refused naming the file."""
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ConversionError(f"{where}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is "
+                          "supported")
+
+
+def recorded_config(hf: dict, where: str) -> ModelConfig:
+  """The ModelConfig a config.json written by lctx records in its "lctx_config"."""
+  try:
+    return config_json.from_json(hf["lctx_config"], f"{where}: lctx_config")
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
 
 
 def block_reasons(cfg: ModelConfig) -> list[str]:

@@ -37,8 +37,9 @@ from lctx.convert import lctx_layout
 from lctx.convert import safetensors_io as st
 from lctx.convert import spikingbrain
 from lctx.convert.common import (CONFIG, ConversionError, TensorMapping, attention_maps,
-                                 block_maps, block_reasons, embedding_maps, get_path,
-                                 read_config, rope_scaling_to_hf, rope_settings, set_path)
+                                 block_maps, block_reasons, check_silu, embedding_maps,
+                                 get_path, read_config, required, rope_scaling_to_hf,
+                                 rope_settings, set_path)
 
 __all__ = ["ConversionError", "read_config", "rope_settings", "load_pretrained",
            "save_pretrained", "export_layout", "copy_tokenizer_files", "param_shardings"]
@@ -64,15 +65,8 @@ def config_from_hf(hf: dict, where: str = CONFIG, *, param_dtype: str = "float32
                    dtype: str = "float32") -> ModelConfig:
   """The ModelConfig of a Hugging Face config.json (as a dict); `where` names it in errors."""
   family = family_of(hf, where)
-
-  def need(key):
-    if key not in hf:
-      raise ConversionError(f"{where}: {key} is missing")
-    return hf[key]
-
-  if hf.get("hidden_act", "silu") != "silu":
-    raise ConversionError(f"{where}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is "
-                          "supported")
+  need = lambda key: required(hf, key, where)
+  check_silu(hf, where)
   if hf.get("mlp_bias"):
     raise ConversionError(f"{where}: mlp_bias=true is not supported")
   if family in ("llama", "mistral") and hf.get("attention_bias"):
@@ -200,12 +194,11 @@ def _import_layout(directory: str, hf: dict, where: str):
   if any(a in FAMILIES for a in archs):
     cfg = config_from_hf(hf, where)
     return cfg, tensor_map(cfg), _index(directory)
-  index = _index(directory) if os.path.isdir(directory) else None
-  if index is not None and spikingbrain.gla_layers(index.names()):
-    cfg = spikingbrain.config_from_hf(hf, where, index.names())
-    return cfg, spikingbrain.tensor_map(cfg), index
-  family_of(hf, where)  # raises: the architecture is not supported
-  raise AssertionError("unreachable")
+  index = _index(directory)
+  if not spikingbrain.gla_layers(index.names()):
+    family_of(hf, where)  # no known architecture and no SpikingBrain gate tensors: raises
+  cfg = spikingbrain.config_from_hf(hf, where, index.names())
+  return cfg, spikingbrain.tensor_map(cfg), index
 
 
 def _index(directory: str) -> st.TensorIndex:

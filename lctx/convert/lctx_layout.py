@@ -16,7 +16,8 @@ from flax import linen as nn
 
 from lctx.config import ModelConfig
 from lctx.convert import config_json
-from lctx.convert.common import SAME, ConversionError, TensorMapping
+from lctx.convert.common import SAME, ConversionError, TensorMapping, recorded_config
+from lctx.model import DecoderLM
 
 ARCH = "LctxForCausalLM"
 MODEL_TYPE = "lctx"
@@ -34,14 +35,10 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
   if hf.get("lctx_layout_version") != VERSION or "lctx_config" not in hf:
     raise ConversionError(f"{where}: model_type 'lctx' needs lctx_layout_version {VERSION} and "
                           "lctx_config")
-  try:
-    return config_json.from_json(hf["lctx_config"], f"{where}: lctx_config")
-  except ValueError as e:
-    raise ConversionError(str(e)) from None
+  return recorded_config(hf, where)
 
 
 def tensor_map(cfg: ModelConfig) -> list[TensorMapping]:
-  from lctx.model import DecoderLM
   abstract = jax.eval_shape(lambda: DecoderLM(cfg).init(jax.random.key(0),
                                                         jnp.zeros((1, 2), jnp.int32)))
   out = []

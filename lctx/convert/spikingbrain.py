@@ -25,8 +25,8 @@ from layers.linear_mixers import GLAConfig
 from lctx.config import ModelConfig
 from lctx.convert import config_json
 from lctx.convert.common import (SAME, T, ConversionError, TensorMapping, attention_maps,
-                                 block_maps, block_reasons, embedding_maps,
-                                 rope_scaling_to_hf, rope_settings)
+                                 block_maps, block_reasons, check_silu, embedding_maps,
+                                 recorded_config, required, rope_scaling_to_hf, rope_settings)
 
 ARCH = "SpikingBrainForCausalLM"  # what lctx writes; import does not rely on it
 MODEL_TYPE = "spikingbrain"
@@ -92,18 +92,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 def config_from_hf(hf: dict, where: str, names) -> ModelConfig:
   """The ModelConfig of a SpikingBrain-layout config.json (`names`: the checkpoint's tensors)."""
   if "lctx_config" in hf:
-    try:
-      return config_json.from_json(hf["lctx_config"], f"{where}: lctx_config")
-    except ValueError as e:
-      raise ConversionError(str(e)) from None
-
-  def need(key):
-    if key not in hf:
-      raise ConversionError(f"{where}: {key} is missing")
-    return hf[key]
-
-  if hf.get("hidden_act", "silu") != "silu":
-    raise ConversionError(f"{where}: hidden_act={hf['hidden_act']!r}; only silu is supported")
+    return recorded_config(hf, where)
+  need = lambda key: required(hf, key, where)
+  check_silu(hf, where)
   layers, depth = gla_layers(names), need("num_hidden_layers")
   if not layers or max(layers) >= depth:
     raise ConversionError(f"{where}: the GLA gate tensors ({GATE}) name layers {layers} of "
