@@ -42,21 +42,26 @@ def run(workdir, *extra, timeout=300):
                         text=True, timeout=timeout)
 
 
+def call(main, argv):
+  """A command-line `main(argv)` in this process; returns (exit status, stdout, stderr)."""
+  import contextlib
+  import io
+
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = main(argv)
+  return code, out.getvalue(), err.getvalue()
+
+
 def run_in_process(workdir, *extra):
   """`experiments.run.main` in this process, for runs that stop before compiling or train a few
   tiny steps (no interpreter start, no jax import); returns (exit status, stdout, stderr).
 
   Log records go to pytest's capture (caplog), not to the returned stderr.
   """
-  import contextlib
-  import io
-
   from experiments.run import main
 
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = main([f"--workdir={workdir}", *TINY, *extra])
-  return code, out.getvalue(), err.getvalue()
+  return call(main, [f"--workdir={workdir}", *TINY, *extra])
 
 
 def kill_after_checkpoint(command, workdir, min_step, extra_delay):

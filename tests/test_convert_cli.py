@@ -5,8 +5,6 @@ The model is the tiny Qwen2 fixture of tests/data/hf (tied embeddings, biases, y
 bfloat16 tensors, a character tokenizer of 73 ids for its 96 embedding rows).
 """
 
-import contextlib
-import io
 import os
 
 import jax
@@ -21,19 +19,13 @@ from lctx.init_from import initial_state
 from lctx.optim import make_optimizer
 from lctx.state import build
 from sharding.mesh import make_mesh
+from tests import cli
 
 QWEN2 = os.path.join(os.path.dirname(__file__), "data", "hf", "qwen2")
 RUN = ["--gin.DataConfig.seq_len=32", "--gin.DataConfig.batch_size=2",
        "--gin.TrainConfig.progress_bar=False", "--gin.TrainConfig.unigram_batches=2",
        "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.log_every=1",
        "--gin.OptimizerConfig.warmup_steps=1"]
-
-
-def _call(fn, argv):
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = fn(argv)
-  return code, out.getvalue(), err.getvalue()
 
 
 def _leaves(tree):
@@ -50,7 +42,7 @@ def _assert_trees_equal(a, b):
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("imported"))
-  code, out, err = _call(convert.main, [f"--from_hf={QWEN2}", f"--workdir={workdir}"])
+  code, out, err = cli.call(convert.main, [f"--from_hf={QWEN2}", f"--workdir={workdir}"])
   assert code == 0, err
   assert "imported 21,792 parameters (bfloat16)" in out
   return workdir
@@ -77,12 +69,13 @@ def test_import_writes_checkpoint_model_gin_and_tokenizer(imported):
 
 def test_generate_from_the_import_and_training_in_place_is_refused(imported):
   gin = f"--gin_file={os.path.join(imported, 'model.gin')}"
-  code, out, err = _call(run_main, [gin, f"--workdir={imported}", "--gin.RunConfig.mode=generate",
-                                    "--gin.GenerateConfig.max_new_tokens=4",
-                                    "--gin.GenerateConfig.prompt='Hi'"])
+  code, out, err = cli.call(run_main, [gin, f"--workdir={imported}",
+                                       "--gin.RunConfig.mode=generate",
+                                       "--gin.GenerateConfig.max_new_tokens=4",
+                                       "--gin.GenerateConfig.prompt='Hi'"])
   assert code == 0, err
   assert "checkpoint step 0" in out
-  code, out, err = _call(run_main, [gin, f"--workdir={imported}", *RUN])
+  code, out, err = cli.call(run_main, [gin, f"--workdir={imported}", *RUN])
   assert code == 2
   assert "holds parameters only" in err and f"init_from={imported}" in err
 
@@ -99,9 +92,9 @@ def test_init_from_reads_hf_directories_and_carries_optimizer_state(imported, tm
 
   # Stage 1 trains from the converted workdir; stage 2 carries its optimizer state.
   stage1 = str(tmp_path / "stage1")
-  code, out, err = _call(run_main, [f"--gin_file={gin}", f"--workdir={stage1}", *RUN,
-                                    f"--gin.TrainConfig.init_from={imported}",
-                                    "--gin.TrainConfig.steps=2"])
+  code, out, err = cli.call(run_main, [f"--gin_file={gin}", f"--workdir={stage1}", *RUN,
+                                       f"--gin.TrainConfig.init_from={imported}",
+                                       "--gin.TrainConfig.steps=2"])
   assert code == 0, err
   assert f"Initialised the parameters from {imported} step 0" in out
   ckpt = Checkpointer(os.path.join(stage1, "checkpoints"))
@@ -125,16 +118,16 @@ def test_init_from_reads_hf_directories_and_carries_optimizer_state(imported, tm
   assert sorted((a, b) for _, a, b in counts) == [(0, 2), (2, 2)]
 
   stage2 = str(tmp_path / "stage2")
-  code, out, err = _call(run_main, [f"--gin_file={gin}", f"--workdir={stage2}", *RUN,
-                                    f"--gin.TrainConfig.init_from={stage1}",
-                                    "--gin.TrainConfig.init_optimizer_state=True",
-                                    "--gin.TrainConfig.steps=1"])
+  code, out, err = cli.call(run_main, [f"--gin_file={gin}", f"--workdir={stage2}", *RUN,
+                                       f"--gin.TrainConfig.init_from={stage1}",
+                                       "--gin.TrainConfig.init_optimizer_state=True",
+                                       "--gin.TrainConfig.steps=1"])
   assert code == 0, err
   assert f"parameters and optimizer state from {stage1} step 2" in out
 
   # Export the stage-2 model (its operative config.gin) and read it back.
   out_dir = str(tmp_path / "hf_out")
-  code, out, err = _call(convert.main, [f"--to_hf={out_dir}", f"--workdir={stage2}"])
+  code, out, err = cli.call(convert.main, [f"--to_hf={out_dir}", f"--workdir={stage2}"])
   assert code == 0, err
   assert "exported step 1" in out
   assert os.path.exists(os.path.join(out_dir, "tokenizer.json")) is False  # stage2 has none
@@ -150,19 +143,20 @@ def test_init_from_and_convert_errors_name_the_setting(imported, tmp_path):
   gin = f"--gin_file={os.path.join(imported, 'model.gin')}"
   empty = tmp_path / "empty"
   empty.mkdir()
-  code, _, err = _call(run_main, [gin, f"--workdir={tmp_path / 'a'}", *RUN,
-                                  f"--gin.TrainConfig.init_from={empty}"])
+  code, _, err = cli.call(run_main, [gin, f"--workdir={tmp_path / 'a'}", *RUN,
+                                     f"--gin.TrainConfig.init_from={empty}"])
   assert code == 2 and "TrainConfig.init_from" in err and "neither config.json" in err
-  code, _, err = _call(run_main, [gin, f"--workdir={tmp_path / 'b'}", *RUN,
-                                  f"--gin.TrainConfig.init_from={imported}@7"])
+  code, _, err = cli.call(run_main, [gin, f"--workdir={tmp_path / 'b'}", *RUN,
+                                     f"--gin.TrainConfig.init_from={imported}@7"])
   assert code == 2 and "holds steps [0], not 7" in err
-  code, _, err = _call(run_main, [gin, f"--workdir={tmp_path / 'c'}", *RUN,
-                                  "--gin.TrainConfig.init_optimizer_state=True"])
+  code, _, err = cli.call(run_main, [gin, f"--workdir={tmp_path / 'c'}", *RUN,
+                                     "--gin.TrainConfig.init_optimizer_state=True"])
   assert code == 2 and "init_optimizer_state=True needs TrainConfig.init_from" in err
-  code, _, err = _call(run_main, ["--gin_file=gin/models/tiny.gin", f"--workdir={tmp_path / 'd'}",
-                                  *RUN, f"--gin.TrainConfig.init_from={QWEN2}"])
+  code, _, err = cli.call(run_main, ["--gin_file=gin/models/tiny.gin",
+                                     f"--workdir={tmp_path / 'd'}", *RUN,
+                                     f"--gin.TrainConfig.init_from={QWEN2}"])
   assert code == 2 and "do not fit the configured model" in err
-  code, _, err = _call(convert.main, [f"--from_hf={tmp_path}", f"--workdir={tmp_path / 'e'}"])
+  code, _, err = cli.call(convert.main, [f"--from_hf={tmp_path}", f"--workdir={tmp_path / 'e'}"])
   assert code == 2 and "config.json: no such file" in err
-  code, _, err = _call(convert.main, [f"--from_hf={QWEN2}", f"--workdir={imported}"])
+  code, _, err = cli.call(convert.main, [f"--from_hf={QWEN2}", f"--workdir={imported}"])
   assert code == 2 and "already holds checkpoints" in err

@@ -1,7 +1,5 @@
 """Dense-to-hybrid conversion (lctx/convert/hybrid.py, experiments.convert --to_layout)."""
 
-import contextlib
-import io
 import os
 
 import jax
@@ -13,6 +11,7 @@ from experiments import convert
 from experiments.run import load_configs
 from lctx.convert import hf, hybrid
 from lctx.model import DecoderLM
+from tests import cli
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "hf")
 
@@ -54,19 +53,12 @@ def test_spikingbrain_layout_reuses_every_dense_tensor_bit_exactly():
   assert np.isfinite(np.asarray(logits)).all()
 
 
-def _call(fn, argv):
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = fn(argv)
-  return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("convert") / "hybrid")
-  code, out, err = _call(convert.main, [f"--from_hf={os.path.join(DATA, 'qwen2')}",
-                                        "--to_layout=gin/models/spikingbrain_7b.gin",
-                                        f"--workdir={workdir}"])
+  code, out, err = cli.call(convert.main, [f"--from_hf={os.path.join(DATA, 'qwen2')}",
+                                           "--to_layout=gin/models/spikingbrain_7b.gin",
+                                           f"--workdir={workdir}"])
   assert code == 0, err
   assert "mixers ('gla', 'swa'); new parameters: layer_0/mixer/gate_bias" in out
   return workdir
@@ -79,12 +71,11 @@ def test_convert_cli_writes_a_hybrid_workdir_that_generates(converted):
   dense, _ = hf.load_pretrained(os.path.join(DATA, "qwen2"))
   assert configs["transfer"].teacher == dense.mixer_config("attention")
   from experiments.run import main as run_main
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = run_main([f"--gin_file={os.path.join(workdir, 'model.gin')}", f"--workdir={workdir}",
-                     "--gin.RunConfig.mode=generate", "--gin.GenerateConfig.max_new_tokens=3",
-                     "--gin.GenerateConfig.prompt='Hi'"])
-  assert code == 0, err.getvalue()
+  code, _, err = cli.call(run_main, [f"--gin_file={os.path.join(workdir, 'model.gin')}",
+                                        f"--workdir={workdir}", "--gin.RunConfig.mode=generate",
+                                        "--gin.GenerateConfig.max_new_tokens=3",
+                                        "--gin.GenerateConfig.prompt='Hi'"])
+  assert code == 0, err
 
 
 def test_layouts_that_do_not_fit_are_named():
@@ -116,12 +107,12 @@ def test_attention_transfer_trains_only_new_parameters_and_lowers_the_layer_erro
          "--gin.OptimizerConfig.warmup_steps=1", "--gin.OptimizerConfig.learning_rate=1e-2",
          "--gin.TrainConfig.steps=12", "--gin.RunConfig.mode=attention_transfer"]
   # Without a converted model to start from, the mode refuses before anything runs.
-  code, _, err = _call(run_main, [f"--workdir={tmp_path / 'no_init'}", *run])
+  code, _, err = cli.call(run_main, [f"--workdir={tmp_path / 'no_init'}", *run])
   assert code == 2 and "set TrainConfig.init_from to the converted workdir" in err
 
   workdir = str(tmp_path / "transfer")
-  code, out, err = _call(run_main, [f"--workdir={workdir}", *run,
-                                    f"--gin.TrainConfig.init_from={converted}"])
+  code, out, err = cli.call(run_main, [f"--workdir={workdir}", *run,
+                                       f"--gin.TrainConfig.init_from={converted}"])
   assert code == 0, err
   assert "per-layer MSE to the softmax teacher" in out
   configs = load_configs([gin], ["DataConfig.seq_len = 32", "DataConfig.batch_size = 4"])

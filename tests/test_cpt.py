@@ -16,7 +16,6 @@ from experiments.run import main as run_main
 from lctx.convert import hf
 from lctx.model import DecoderLM
 from tests import cli
-from tests.test_convert_hybrid import _call
 
 MODEL = "gin/models/tiny.gin"
 
@@ -64,7 +63,7 @@ def base(tmp_path_factory):
   params = nn.unbox(DecoderLM(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
   hf.save_pretrained(str(tmp / "hf"), cfg, params)
   imported = str(tmp / "imported")
-  code, _, err = _call(convert.main, [f"--from_hf={tmp / 'hf'}", f"--workdir={imported}"])
+  code, _, err = cli.call(convert.main, [f"--from_hf={tmp / 'hf'}", f"--workdir={imported}"])
   assert code == 0, err
   return tmp, imported
 
@@ -85,8 +84,8 @@ def test_two_stage_chain_and_a_sigkill_in_stage_two_resumes_exactly(base, tmp_pa
   tmp, imported = base
   model = f"--gin_file={os.path.join(imported, 'model.gin')}"
   stage1 = str(tmp_path / "stage1")
-  code, out, err = _call(run_main, [model, f"--workdir={stage1}", *STAGE1, *COMMON,
-                                    f"--gin.BASE={imported}"])
+  code, out, err = cli.call(run_main, [model, f"--workdir={stage1}", *STAGE1, *COMMON,
+                                       f"--gin.BASE={imported}"])
   assert code == 0, err
   assert f"Initialised the parameters from {imported} step 0" in out
 
