@@ -9,6 +9,7 @@ mutable); the embedding and the output head stay dense.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from layers import params as P
@@ -117,3 +118,11 @@ class DecoderLM(nn.Module):
       logits = x @ head.astype(dt)
     logits = logits.astype(jnp.float32)
     return logits if layout is None else layout.from_layout(logits)
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+  """The shapes and dtypes (jax.ShapeDtypeStruct, unboxed) of DecoderLM(cfg)'s parameters,
+  traced without computing them."""
+  boxed = jax.eval_shape(lambda: DecoderLM(cfg).init(jax.random.key(0),
+                                                     jnp.zeros((1, 2), jnp.int32)))
+  return nn.unbox(boxed["params"])

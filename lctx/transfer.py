@@ -17,14 +17,13 @@ the converted layers; the evaluation still reports the hybrid's LM loss.
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from layers.attention import AttentionConfig
 from lctx.config import ModelConfig
-from lctx.model import DecoderLM, make_mixer
+from lctx.model import DecoderLM, abstract_params, make_mixer
 from sharding.validation import check_fields
 
 SOFTMAX = ("attention", "swa")
@@ -92,9 +91,7 @@ def teacher_config(student: ModelConfig, transfer: TransferConfig) -> ModelConfi
 def param_labeler(student: ModelConfig, teacher: ModelConfig):
   """params -> a tree of TRAINED (parameters the teacher does not have: the new ones) and FROZEN
   (the rest); works on boxed and unboxed trees (build initialises the optimizer on boxed ones)."""
-  abstract = jax.eval_shape(lambda: DecoderLM(teacher).init(jax.random.key(0),
-                                                            jnp.zeros((1, 2), jnp.int32)))
-  shared = {k: v.shape for k, v in _flat(nn.unbox(abstract["params"])).items()}
+  shared = {k: v.shape for k, v in _flat(abstract_params(teacher)).items()}
 
   def labels(params):
     def label(path, leaf):

@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from experiments.run import load_configs
 from lctx.convert import hf, spikingbrain
 from lctx.convert import safetensors_io as st
-from lctx.model import DecoderLM
+from lctx.model import DecoderLM, abstract_params
 
 SMALL = ["ModelConfig.vocab_size = 64", "ModelConfig.d_model = 32", "ModelConfig.d_ff = 48"]
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 24)), jnp.int32)
@@ -24,7 +23,6 @@ def _model(gin_file, *bindings):
   """A config and random parameters of its shapes (no init compiled): values near what init
   gives but non-trivial everywhere (unit norms or zero biases would hide a mix-up)."""
   cfg = load_configs([gin_file], [*SMALL, *bindings])["model"]
-  abstract = nn.unbox(jax.eval_shape(DecoderLM(cfg).init, jax.random.key(1), TOKENS[:, :2]))
   rng = np.random.default_rng(1)
 
   def value(path, leaf):
@@ -32,7 +30,7 @@ def _model(gin_file, *bindings):
     noise = rng.normal(0.0, 0.1, leaf.shape)
     return jnp.asarray(base + noise, leaf.dtype)
 
-  return cfg, jax.tree_util.tree_map_with_path(value, abstract["params"])
+  return cfg, jax.tree_util.tree_map_with_path(value, abstract_params(cfg))
 
 
 def _logits(cfg, params):

@@ -11,13 +11,11 @@ transformers class loads it; `load_pretrained` reads it back bit-exactly.
 """
 
 import jax
-import jax.numpy as jnp
-from flax import linen as nn
 
 from lctx.config import ModelConfig
 from lctx.convert import config_json
 from lctx.convert.common import SAME, ConversionError, TensorMapping, recorded_config
-from lctx.model import DecoderLM
+from lctx.model import abstract_params
 
 ARCH = "LctxForCausalLM"
 MODEL_TYPE = "lctx"
@@ -39,10 +37,8 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
 
 
 def tensor_map(cfg: ModelConfig) -> list[TensorMapping]:
-  abstract = jax.eval_shape(lambda: DecoderLM(cfg).init(jax.random.key(0),
-                                                        jnp.zeros((1, 2), jnp.int32)))
   out = []
-  for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract["params"])):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg)):
     keys = tuple(str(k.key) for k in path)
     out.append(TensorMapping(".".join(keys), keys, SAME, SAME, tuple(leaf.shape)))
   return out
