@@ -23,6 +23,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from layers import context_cache
 from layers import params as P
 from layers.heads import HeadsConfig
 from layers.kernels.dispatch import IMPLS
@@ -126,17 +127,25 @@ class SoftmaxAttention(Mixer):
         y = y + bias.astype(self.dtype)
       return y
 
-    q, k, v = proj("q", h, "heads"), proj("k", kh, "kv_heads"), proj("v", kh, "kv_heads")
-    if cfg.qk_norm:
-      norm = lambda name: RMSNorm(cfg.qk_norm_eps, self.dtype, self.param_dtype, "head_dim",
-                                  name=name)
-      q, k = norm("q_norm")(q), norm("k_norm")(k)
-    if cfg.use_rope:
-      q = apply_rope(q, positions_bt, cfg.rope_base, cfg.rope_scaling)
-      k = apply_rope(k, positions_bt, cfg.rope_base, cfg.rope_scaling)
+    querying = context_cache.mode(self, "key") == context_cache.QUERY
+    if querying:
+      context_cache.check_query(self, positions_bt, decode)
+    norm = lambda name: RMSNorm(cfg.qk_norm_eps, self.dtype, self.param_dtype, "head_dim",
+                                name=name)
+    rope = lambda x: (apply_rope(x, positions_bt, cfg.rope_base, cfg.rope_scaling)
+                      if cfg.use_rope else x)
+    q = proj("q", h, "heads")
+    q = rope(norm("q_norm")(q) if cfg.qk_norm else q)
     q = spike_input(self, q, "attention_q", self.spiking)
-    k = maybe_quantize_kv(k, self.spiking, token_axes=(0, 1))
-    v = maybe_quantize_kv(v, self.spiking, token_axes=(0, 1))
+    if querying:  # the recorded context's keys and values; none of them is recomputed
+      k, v = context_cache.read(self, "key"), context_cache.read(self, "value")
+      context_cache.sow_queries(self, q)
+    else:
+      k, v = proj("k", kh, "kv_heads"), proj("v", kh, "kv_heads")
+      k = rope(norm("k_norm")(k) if cfg.qk_norm else k)
+      k = maybe_quantize_kv(k, self.spiking, token_axes=(0, 1))
+      v = maybe_quantize_kv(v, self.spiking, token_axes=(0, 1))
+      context_cache.record(self, key=k, value=v)
 
     sinks = None
     if cfg.sinks:
@@ -147,7 +156,12 @@ class SoftmaxAttention(Mixer):
       sink_kv = tuple(P.param(self, name, init, (cfg.sink_tokens, kh, d),
                               (None, "kv_heads", "head_dim"), self.param_dtype).astype(self.dtype)
                       for name in ("sink_keys", "sink_values"))
-    if decode:
+    if querying:
+      o = context_cache.attention_over_record(q, positions_bt, k, v, window=cfg.window,
+                                              sinks=sinks, return_lse=sink_kv is not None)
+      if sink_kv is not None:
+        o = merge_sink_tokens(*o, q, *sink_kv, scale=q.shape[-1] ** -0.5)
+    elif decode:
       o = self._decode(q, k, v, sinks, sink_kv, segment_ids_bt)
     else:
       o = parallel_softmax_attention(self.plan, q, k, v, window=cfg.window,

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from layers import context_cache
 from layers import params as P
 from layers.heads import HeadsConfig
 from layers.feature_maps import FEATURE_MAPS, FeatureMap, feature_dim
@@ -124,7 +125,8 @@ class _LinearMixer(Mixer):
 
   @nn.compact
   def __call__(self, x_bte, *, positions_bt, segment_ids_bt=None, decode: bool = False):
-    del positions_bt  # linear attention here is position-free (no RoPE)
+    # Linear attention here is position-free (no RoPE); positions only place a query of the
+    # recorded context (layers/context_cache.py).
     cfg, e = self.config, self.d_model
     h, kh, d = cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim(e)
     x = spike_input(self, x_bte.astype(self.dtype), "mixer_in", self.spiking)
@@ -142,10 +144,15 @@ class _LinearMixer(Mixer):
 
     fmap = lambda name: FeatureMap(cfg.feature_map, self.dtype, self.param_dtype, name=name)
     q = fmap("q_map")(proj("q", h, "heads", cfg.qkv_bias))
-    k = fmap("k_map")(proj("k", kh, "kv_heads", cfg.qkv_bias))
-    v = proj("v", kh, "kv_heads", cfg.qkv_bias)
     g = self.log_gate(x, h, feature_dim(cfg.feature_map, d))
-    o = self._mix(q, k, v, g, segment_ids_bt, decode)
+    if context_cache.mode(self, "k") == context_cache.QUERY:
+      context_cache.check_query(self, positions_bt, decode)
+      context_cache.sow_queries(self, q)
+      o = self._query_record(q, g, positions_bt)
+    else:
+      k = fmap("k_map")(proj("k", kh, "kv_heads", cfg.qkv_bias))
+      v = proj("v", kh, "kv_heads", cfg.qkv_bias)
+      o = self._mix(q, k, v, g, segment_ids_bt, decode)
     if cfg.output_norm:
       o = RMSNorm(1e-6, self.dtype, self.param_dtype, axis_name="head_dim", name="o_norm")(o)
     if cfg.output_gate:
@@ -157,9 +164,32 @@ class _LinearMixer(Mixer):
     w_o = maybe_quantize_weight(w_o, self.spiking, fan_in_axes=(0, 1))
     return jnp.einsum("bthd,hde->bte", o.astype(self.dtype), w_o.astype(self.dtype))
 
+  def _query_record(self, q, g, positions_bt):
+    """The outputs of queries at `positions_bt` (contiguous in each row) over the recorded
+    context: the state the record holds before the first of them, then the recorded keys,
+    values and gates of their own positions."""
+    cfg = self.config
+    k, v = context_cache.read(self, "k"), context_cache.read(self, "v")
+    g_rec = context_cache.read(self, "g")
+    g_all = g if g_rec is None else g_rec  # None or [h] are the same at every position
+    per_token = g_all is not None and g_all.ndim > 1
+    g_span = context_cache.take_positions(g_all, positions_bt) if per_token else g_all
+    g_before = context_cache.before(g_all, positions_bt) if per_token else g_all
+    run = lambda *a, **kw: linear_attention(*a, impl=cfg.impl, chunk_size=cfg.chunk_size, **kw)
+    # S at the first query: the recorded keys from there on masked out (with no decay).
+    k_before = context_cache.before(k, positions_bt)
+    zeros_q = jnp.zeros((k.shape[0], k.shape[1]) + q.shape[2:], q.dtype)
+    if g_before is not None and g_before.ndim == 1:  # a fixed decay: mask it per position
+      keep = context_cache.before(jnp.ones(k.shape[:2], jnp.float32), positions_bt)
+      g_before = keep[:, :, None] * g_before
+    _, state = run(zeros_q, k_before, v, g_before, output_final_state=True)
+    return run(q, context_cache.take_positions(k, positions_bt),
+               context_cache.take_positions(v, positions_bt), g_span, initial_state=state)
+
   def _mix(self, q, k, v, g, segment_ids_bt, decode):
     cfg = self.config
     if not decode:
+      context_cache.record(self, k=k, v=v, g=g if g is not None and g.ndim > 1 else None)
       return parallel_linear_attention(self.plan, q, k, v, g, segment_ids=segment_ids_bt,
                                        impl=cfg.impl, chunk_size=cfg.chunk_size)
     b, t, h, dk = q.shape
@@ -171,6 +201,7 @@ class _LinearMixer(Mixer):
       if g is not None:
         g = jnp.broadcast_to(g, (b, t, h)) if g.ndim == 1 else g
         g = jnp.where(keep.reshape(keep.shape + (1,) * (g.ndim - 2)), g, 0)
+    context_cache.record(self, k=k, v=v, g=g if g is not None and g.ndim > 1 else None)
     run = lambda **kw: linear_attention(q, k, v, g, impl=cfg.impl, chunk_size=cfg.chunk_size,
                                         **kw)
     initialized = self.has_variable("cache", "state")
