@@ -107,10 +107,16 @@ def run_longeval(workdir: str, configs: dict) -> int:
     rows = longeval.evaluate(m.model, params, tokenizer, cfg, train_len=seq_len, items=items)
   out = os.path.join(workdir, "longeval")
   columns = ["task", "length", "depth", "examples", "exact_match", "score", "answer_logprob",
-             "beyond_training"]
+             "beyond_training"] + (longeval.TTT_COLUMNS if cfg.ttt is not None else [])
   benchmarking.write_csv(os.path.join(out, "longeval.csv"), rows, columns)
   print(f"checkpoint step {step}, trained at {seq_len} tokens:")
   benchmarking.print_table(rows, columns)
+  if cfg.ttt is not None:
+    print(f"test-time training: {cfg.ttt}")
+    for length in cfg.lengths:  # the compute at each length, from its first row
+      row = next(r for r in rows if r["length"] == int(length))
+      print(f"  at {length} tokens: prefill {row['prefill_gflops']:.3g} GFLOP, test-time "
+            f"{row['ttt_gflops']:.3g} GFLOP = {row['thinking_tokens']} thinking tokens")
   score = {(r["task"], r["length"], r["depth"]): r["score"] for r in rows}
   for task in cfg.tasks:
     grid = np.array([[score[task, int(n), float(d)] for n in cfg.lengths] for d in cfg.depths])

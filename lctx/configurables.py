@@ -23,6 +23,7 @@ from lctx.optim import OptimizerConfig
 from lctx.patterns import LayerPattern
 from lctx.trainer import TrainConfig
 from lctx.transfer import TransferConfig
+from lctx.ttt.qttt import TTTConfig
 from sharding.mesh import MeshConfig
 from sharding.sequence import SequenceParallelConfig
 
@@ -78,7 +79,7 @@ def with_bound_subconfigs(model: ModelConfig) -> ModelConfig:
 for _cls in SECTIONS.values():
   register(_cls)
 for _cls in (SequenceParallelConfig, SpikeConfig, MoEConfig, LayerPattern, TaskConfig,
-             SourceConfig, RopeScaling):
+             SourceConfig, RopeScaling, TTTConfig):
   register(_cls)
 for _name in available_mixers():
   register(get_mixer(_name).Config)

@@ -182,6 +182,25 @@ def test_longeval_mode_writes_table_csv_and_heatmaps(trained):
   assert code == 2 and "task 'passkey': length=40 is below" in stderr, stderr
 
 
+def test_longeval_with_qttt_reports_its_compute(trained):
+  workdir, _ = trained
+  evals = ["--gin.RunConfig.mode=longeval", "--gin_file=gin/ttt/qttt.gin",
+           "--gin.LongEvalConfig.tasks=('passkey',)", "--gin.LongEvalConfig.depths=(0.5,)",
+           "--gin.LongEvalConfig.max_new_tokens=6", "--gin.TTTConfig.steps=2"]
+  code, stdout, stderr = cli.run_in_process(workdir, *evals, "--gin.TTTConfig.span=16",
+                                            "--gin.LongEvalConfig.lengths=(110,)")
+  assert code == 0, stderr[-3000:]
+  with open(workdir / "longeval" / "longeval.csv", newline="") as f:
+    (row,) = list(csv.DictReader(f))
+  assert row["method"] == "qttt" and float(row["ttt_gflops"]) > 0
+  assert float(row["prefill_gflops"]) > 0 and int(row["thinking_tokens"]) > 0
+  assert f"at 110 tokens: prefill {float(row['prefill_gflops']):.3g} GFLOP" in stdout
+  # A span longer than a prompt is refused before the checkpoint is read.
+  code, _, stderr = cli.run_in_process(workdir, *evals, "--gin.TTTConfig.span=500",
+                                       "--gin.LongEvalConfig.lengths=(110,)")
+  assert code == 2 and "TTTConfig.span=500 is longer than the passkey prompt" in stderr, stderr
+
+
 def test_doc_loss_mode_scores_documents_from_their_start(trained):
   # Beyond the training length (SEQ_LEN=32): positions 0..95 of each held-out document.
   workdir, _ = trained

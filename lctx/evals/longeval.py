@@ -13,6 +13,13 @@ reports the means of
   answer_logprob  log p(first answer | prompt), nats.
 Lengths beyond the training length are allowed (RoPE as configured; linear layers need
 nothing); each row says whether its length is beyond it.
+
+With `LongEvalConfig.ttt` (a TTTConfig, gin/ttt/qttt.gin) every example is answered after
+test-time training (lctx/ttt/qttt.py): qTTT adapts W_Q on spans of the prompt, then continues it
+and scores the answer with the adapted model and the prefill's cache; method "thinking" spends
+the same FLOPs on extra greedy tokens first, and its continuation (thinking tokens, then
+`max_new_tokens`) is scored whole. Rows then also report the compute (prefill and test-time
+GFLOPs, thinking tokens of equal cost).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from lctx.evals import scoring
 from lctx.evals.example import Example, check_depth
 from lctx.evals.tasks import TASKS, make_example
 from lctx.generate import generate
+from lctx.ttt import qttt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +50,7 @@ class LongEvalConfig:
     examples: examples per (task, length, depth) cell.
     max_new_tokens: tokens generated per example; 0 means the answers' tokens plus 4.
     seed: seed of the examples.
+    ttt: None, or the test-time training every example gets first (lctx.ttt.qttt.TTTConfig).
   """
 
   tasks: tuple[str, ...] = ("passkey", "niah_single")
@@ -50,6 +59,7 @@ class LongEvalConfig:
   examples: int = 1
   max_new_tokens: int = 0
   seed: int = 0
+  ttt: qttt.TTTConfig | None = None
 
   def __post_init__(self):
     for task in self.tasks:
@@ -64,6 +74,9 @@ class LongEvalConfig:
       check_depth(depth, "LongEvalConfig.depths")
     if self.examples < 1 or self.max_new_tokens < 0:
       raise ValueError("LongEvalConfig.examples must be >= 1 and max_new_tokens >= 0")
+    if self.ttt is not None and not isinstance(self.ttt, qttt.TTTConfig):
+      raise ValueError(f"LongEvalConfig.ttt={self.ttt!r} must be None or a TTTConfig "
+                       "(@TTTConfig())")
 
 
 # Tasks scored by the first number of the continuation (a key or value of digits); the other
@@ -90,11 +103,15 @@ def _seed(cfg: LongEvalConfig, task: str, length: int, depth: float, n: int) -> 
 
 def examples(cfg: LongEvalConfig, tokenizer) -> list[tuple[tuple[str, int, float], Example]]:
   """Every ((task, length, depth), example) of the evaluation, built before any compile so that
-  a length a task cannot fit in is reported first."""
-  return [((task, int(length), float(depth)),
-           make_example(task, tokenizer, length, depth, _seed(cfg, task, length, depth, n)))
-          for task in cfg.tasks for length in cfg.lengths for depth in cfg.depths
-          for n in range(cfg.examples)]
+  a length a task cannot fit in (or a test-time span longer than a prompt) is reported first."""
+  items = [((task, int(length), float(depth)),
+            make_example(task, tokenizer, length, depth, _seed(cfg, task, length, depth, n)))
+           for task in cfg.tasks for length in cfg.lengths for depth in cfg.depths
+           for n in range(cfg.examples)]
+  if cfg.ttt is not None:
+    for (task, length, _), ex in items:
+      qttt.check_context(cfg.ttt, len(ex.prompt), f"the {task} prompt at length {length}")
+  return items
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -108,20 +125,40 @@ def evaluate(model, params, tokenizer, cfg: LongEvalConfig, train_len: int | Non
 
   `items` is `examples(cfg, tokenizer)` when the caller already built them (None: built here).
   """
-  cells: dict[tuple, list[tuple[float, float, float]]] = {}
-  for key, ex in examples(cfg, tokenizer) if items is None else items:
+  cells: dict[tuple, list[tuple[float, ...]]] = {}
+  if cfg.ttt is not None:
+    qttt.trained_paths(model.config, cfg.ttt)  # a model qTTT cannot adapt fails first
+  for n, (key, ex) in enumerate(examples(cfg, tokenizer) if items is None else items):
     new = cfg.max_new_tokens or sum(len(a) for a in ex.answers) + 4
-    out = np.asarray(generate(model, params, jnp.asarray(ex.prompt[None]), jax.random.key(0),
-                              max_new_tokens=new))[0]
     answer = ex.answers[0]
-    logits = _logits(model, params, jnp.asarray(np.concatenate([ex.prompt, answer])[None]))[0]
-    cells.setdefault(key, []).append((
-        float(scoring.exact_match(out, answer)), task_score(ex, out, tokenizer.decode(out)),
-        scoring.answer_logprob(np.asarray(logits, np.float32), answer, len(ex.prompt))))
+    cost = ()
+    if cfg.ttt is None:
+      out = np.asarray(generate(model, params, jnp.asarray(ex.prompt[None]), jax.random.key(0),
+                                max_new_tokens=new))[0]
+      logits = _logits(model, params, jnp.asarray(np.concatenate([ex.prompt, answer])[None]))[0]
+      logprob = scoring.answer_logprob(np.asarray(logits, np.float32), answer, len(ex.prompt))
+    else:
+      result = qttt.run(model, params, ex.prompt[None], cfg.ttt, max_new_tokens=new,
+                        answer_bn=answer[None], seed=cfg.ttt.seed + n)
+      out = np.asarray(result.tokens)[0]
+      # Row j of the answer's logits predicts answer token j: a one-token "prompt".
+      logprob = scoring.answer_logprob(np.asarray(result.answer_logits, np.float32)[0], answer, 1)
+      c = result.compute
+      cost = (c.prefill_flops / 1e9, c.ttt_flops / 1e9, c.thinking_tokens)
+    cells.setdefault(key, []).append((float(scoring.exact_match(out, answer)),
+                                      task_score(ex, out, tokenizer.decode(out)), logprob) + cost)
   rows = []
   for (task, length, depth), scores in cells.items():
-    em, score, logprob = np.mean(np.asarray(scores), axis=0)
-    rows.append({"task": task, "length": length, "depth": depth, "examples": len(scores),
-                 "exact_match": float(em), "score": float(score), "answer_logprob": float(logprob),
-                 "beyond_training": bool(train_len is not None and length > train_len)})
+    mean = np.mean(np.asarray(scores), axis=0)
+    row = {"task": task, "length": length, "depth": depth, "examples": len(scores),
+           "exact_match": float(mean[0]), "score": float(mean[1]),
+           "answer_logprob": float(mean[2]),
+           "beyond_training": bool(train_len is not None and length > train_len)}
+    if cfg.ttt is not None:
+      row.update(method=cfg.ttt.method, prefill_gflops=float(mean[3]),
+                 ttt_gflops=float(mean[4]), thinking_tokens=int(round(mean[5])))
+    rows.append(row)
   return rows
+
+
+TTT_COLUMNS = ["method", "prefill_gflops", "ttt_gflops", "thinking_tokens"]
