@@ -18,6 +18,7 @@ In query mode the mixers also sow their queries into `QUERIES` when that collect
 lctx/ttt/qttt.py refuses models that hold them before anything runs.
 """
 
+import jax
 import jax.numpy as jnp
 
 from layers.kernels.attention_reference import dot_product_attention
@@ -74,6 +75,19 @@ def attention_over_record(q_bthd, positions_bt, key_bskd, value_bskd, *, window=
   k_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   mask = attention_mask(positions_bt.astype(jnp.int32), k_index, window=window)
   return dot_product_attention(q_bthd, key_bskd, value_bskd, mask, scale, sinks, return_lse)
+
+
+def attention_weights(q_bthd, positions_bt, key_bskd, *, window=None, scale=None):
+  """The softmax weights [b, h, t, s] (float32) of `attention_over_record` without sinks."""
+  b, t, h, d = q_bthd.shape
+  s, kh = key_bskd.shape[1], key_bskd.shape[2]
+  key = jnp.repeat(key_bskd, h // kh, axis=2) if kh != h else key_bskd
+  scale = d ** -0.5 if scale is None else scale
+  logits = jnp.einsum("bthd,bshd->bhts", q_bthd.astype(jnp.float32),
+                      key.astype(jnp.float32)) * scale
+  k_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  mask = attention_mask(positions_bt.astype(jnp.int32), k_index, window=window)
+  return jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
 
 
 def take_positions(x_bs, positions_bt):

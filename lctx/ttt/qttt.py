@@ -282,6 +282,36 @@ def answer_logits(model, params, cache, first_logits, answer_bn, prompt_len: int
   return jnp.concatenate([first_logits[:, None], logits], axis=1)
 
 
+@partial(jax.jit, static_argnames=("model",))
+def needle_mass(model, params, record, prompt_bt, needle_bt):
+  """The softmax mass the last prompt token's queries put on the positions `needle_bt` (bool
+  [b, T]), averaged over heads and softmax layers: score dilution, measured before and after
+  adaptation on the same record. Layers with sinks or sink tokens are refused."""
+  cfg = model.config
+  b, t = prompt_bt.shape
+  positions = jnp.full((b, 1), t - 1, jnp.int32)
+  _, variables = model.apply({"params": params, context_cache.COLLECTION: record},
+                             prompt_bt[:, -1:], positions, mutable=[context_cache.QUERIES])
+  queries = traverse_util.flatten_dict(variables[context_cache.QUERIES])
+  masses = []
+  for i, layer in enumerate(cfg.layer_mixers()):
+    names = layer.split("+")
+    for name in names:
+      if name not in flops.SOFTMAX:
+        continue
+      mixer = cfg.mixer_config(name)
+      if mixer.sinks or mixer.sink_tokens:
+        raise ValueError(f"needle_mass: layer {i} has sinks; the mass is measured over the "
+                         "context's keys alone")
+      where = (f"layer_{i}", "mixer") + ((name,) if len(names) > 1 else ())
+      q = queries[where + ("q",)]
+      key = traverse_util.flatten_dict(record)[where + ("key",)]
+      weights = context_cache.attention_weights(q, positions, key, window=mixer.window)
+      masses.append(jnp.sum(jnp.where(needle_bt[:, None, None, :], weights, 0.0), axis=-1)
+                    .mean(axis=(1, 2)))
+  return jnp.mean(jnp.stack(masses), axis=0)
+
+
 @dataclasses.dataclass
 class Result:
   """One adapted answer: the generated tokens [b, n], the reference answer's logits [b, m, v]
@@ -291,7 +321,8 @@ class Result:
   answer_logits: jax.Array | None
   losses: jax.Array | None
   compute: Compute
-  params: dict | None = None
+  params: dict | None = None  # the adapted parameters (qTTT)
+  record: dict | None = None  # the prefill's record of the context (qTTT)
 
 
 def run(model, params, prompt_bt, ttt: TTTConfig, *, max_new_tokens: int, answer_bn=None,
@@ -326,4 +357,4 @@ def run(model, params, prompt_bt, ttt: TTTConfig, *, max_new_tokens: int, answer
   logits = None
   if answer_bn is not None:
     logits = answer_logits(model, adapted, cache, first, jnp.asarray(answer_bn), t)
-  return Result(tokens, logits, losses, cost, adapted)
+  return Result(tokens, logits, losses, cost, adapted, record)
