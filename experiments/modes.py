@@ -14,7 +14,9 @@ from lctx.generate import check_request, generate
 from lctx.optim import make_optimizer
 from lctx.state import build
 from lctx.restore import restore_checkpoint
+from lctx.model import DecoderLM
 from lctx.trainer import make_jitted_eval, run_eval, train
+from lctx.ttt import perk_train
 from sharding.mesh import make_mesh
 
 
@@ -42,7 +44,21 @@ def restore_params(workdir: str, configs: dict, m=None):
   return m, step, params
 
 
+def run_perk_train(workdir: str, configs: dict) -> int:
+  result = perk_train.train(workdir, configs)
+  print(f"\nFinished PERK meta-training at step {result['step']}: held-out answer NLL "
+        f"{result['eval_loss']:.4f} nats/token, answer-token accuracy "
+        f"{result['eval_answer_accuracy']:.3f} (adapted on the context, answering from the "
+        f"query alone)")
+  print(f"  metrics:      {result['metrics']}")
+  print(f"  checkpoints:  {result['checkpoints']} (the meta-parameters; the base is "
+        f"TrainConfig.init_from={configs['train'].init_from})")
+  return 0
+
+
 def run_train(workdir: str, configs: dict, transfer=None) -> int:
+  if configs["perk"].enabled and transfer is None:
+    return run_perk_train(workdir, configs)
   result = train(workdir, configs["model"], configs["data"], configs["optimizer"],
                  configs["train"], configs["mesh"], gin_text=configs.get("gin"),
                  transfer=transfer)
@@ -102,9 +118,21 @@ def run_longeval(workdir: str, configs: dict) -> int:
   cfg, seq_len = configs["longeval"], configs["data"].seq_len
   tokenizer = data_lib.make_tokenizer(configs["data"].tokenizer)
   items = longeval.examples(cfg, tokenizer)  # every example fits, before anything is compiled
-  m, step, params = restore_params(workdir, configs)
-  with m.context():
-    rows = longeval.evaluate(m.model, params, tokenizer, cfg, train_len=seq_len, items=items)
+  if configs["perk"].enabled:  # the adapter's meta-parameters here, the base from init_from
+    if cfg.ttt is not None:
+      raise ValueError("LongEvalConfig.ttt (qTTT) and PERKConfig.enabled are two ways of "
+                       "answering; bind one")
+    perk_train.check(configs)
+    step, meta = perk_train.restore_meta(workdir, configs)
+    model = DecoderLM(configs["model"])
+    answer = perk_train.Answerer(model, perk_train.base_params(configs), meta, configs["perk"])
+    rows = longeval.evaluate(model, None, tokenizer, cfg, train_len=seq_len, items=items,
+                             answer=answer)
+    print("PERK: the adapter learns each context; the model answers from the query alone")
+  else:
+    m, step, params = restore_params(workdir, configs)
+    with m.context():
+      rows = longeval.evaluate(m.model, params, tokenizer, cfg, train_len=seq_len, items=items)
   out = os.path.join(workdir, "longeval")
   columns = ["task", "length", "depth", "examples", "exact_match", "score", "answer_logprob",
              "beyond_training"] + (longeval.TTT_COLUMNS if cfg.ttt is not None else [])

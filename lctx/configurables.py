@@ -23,6 +23,7 @@ from lctx.optim import OptimizerConfig
 from lctx.patterns import LayerPattern
 from lctx.trainer import TrainConfig
 from lctx.transfer import TransferConfig
+from lctx.ttt.perk import PERKConfig
 from lctx.ttt.qttt import TTTConfig
 from sharding.mesh import MeshConfig
 from sharding.sequence import SequenceParallelConfig
@@ -30,7 +31,8 @@ from sharding.sequence import SequenceParallelConfig
 # The configs an experiment is made of, by the name entry points use for them.
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "train": TrainConfig, "mesh": MeshConfig, "generate": GenerateConfig,
-            "longeval": LongEvalConfig, "doc_loss": DocLossConfig, "transfer": TransferConfig}
+            "longeval": LongEvalConfig, "doc_loss": DocLossConfig, "transfer": TransferConfig,
+            "perk": PERKConfig}
 
 _BOUND: dict[type, type] = {}
 

@@ -119,44 +119,65 @@ def _logits(model, params, tokens):
   return model.apply({"params": params}, tokens)
 
 
+def plain_answerer(model, params):
+  """Greedy continuation of the prompt and log p(answer | prompt) from one forward pass."""
+  def answer(ex, index: int, max_new_tokens: int):
+    del index
+    out = np.asarray(generate(model, params, jnp.asarray(ex.prompt[None]), jax.random.key(0),
+                              max_new_tokens=max_new_tokens))[0]
+    first = ex.answers[0]
+    logits = _logits(model, params, jnp.asarray(np.concatenate([ex.prompt, first])[None]))[0]
+    return out, scoring.answer_logprob(np.asarray(logits, np.float32), first,
+                                       len(ex.prompt)), {}
+  return answer
+
+
+def qttt_answerer(model, params, ttt: qttt.TTTConfig):
+  """The answer after qTTT on the prompt (or the thinking tokens of equal FLOPs first), with
+  the compute of each example."""
+  qttt.trained_paths(model.config, ttt)  # a model qTTT cannot adapt fails first
+
+  def answer(ex, index: int, max_new_tokens: int):
+    result = qttt.run(model, params, ex.prompt[None], ttt, max_new_tokens=max_new_tokens,
+                      answer_bn=ex.answers[0][None], seed=ttt.seed + index)
+    # Row j of the answer's logits predicts answer token j: a one-token "prompt".
+    logprob = scoring.answer_logprob(np.asarray(result.answer_logits, np.float32)[0],
+                                     ex.answers[0], 1)
+    c = result.compute
+    return np.asarray(result.tokens)[0], logprob, {
+        "method": ttt.method, "prefill_gflops": c.prefill_flops / 1e9,
+        "ttt_gflops": c.ttt_flops / 1e9, "thinking_tokens": c.thinking_tokens}
+  return answer
+
+
 def evaluate(model, params, tokenizer, cfg: LongEvalConfig, train_len: int | None = None,
-             items=None) -> list[dict]:
+             items=None, answer=None) -> list[dict]:
   """One row per (task, length, depth): the mean exact_match, score and answer_logprob.
 
   `items` is `examples(cfg, tokenizer)` when the caller already built them (None: built here).
+  `answer(example, index, max_new_tokens) -> (continuation, answer log-prob, extra columns)`
+  answers each example: None is plain in-context answering, or qTTT with `cfg.ttt`; the extra
+  columns of a cell are the means over its examples (an integer column's rounded; a string
+  column is taken as it is).
   """
-  cells: dict[tuple, list[tuple[float, ...]]] = {}
-  if cfg.ttt is not None:
-    qttt.trained_paths(model.config, cfg.ttt)  # a model qTTT cannot adapt fails first
+  if answer is None:
+    answer = (plain_answerer(model, params) if cfg.ttt is None else
+              qttt_answerer(model, params, cfg.ttt))
+  cells: dict[tuple, list[tuple[float, float, float, dict]]] = {}
   for n, (key, ex) in enumerate(examples(cfg, tokenizer) if items is None else items):
     new = cfg.max_new_tokens or sum(len(a) for a in ex.answers) + 4
-    answer = ex.answers[0]
-    cost = ()
-    if cfg.ttt is None:
-      out = np.asarray(generate(model, params, jnp.asarray(ex.prompt[None]), jax.random.key(0),
-                                max_new_tokens=new))[0]
-      logits = _logits(model, params, jnp.asarray(np.concatenate([ex.prompt, answer])[None]))[0]
-      logprob = scoring.answer_logprob(np.asarray(logits, np.float32), answer, len(ex.prompt))
-    else:
-      result = qttt.run(model, params, ex.prompt[None], cfg.ttt, max_new_tokens=new,
-                        answer_bn=answer[None], seed=cfg.ttt.seed + n)
-      out = np.asarray(result.tokens)[0]
-      # Row j of the answer's logits predicts answer token j: a one-token "prompt".
-      logprob = scoring.answer_logprob(np.asarray(result.answer_logits, np.float32)[0], answer, 1)
-      c = result.compute
-      cost = (c.prefill_flops / 1e9, c.ttt_flops / 1e9, c.thinking_tokens)
-    cells.setdefault(key, []).append((float(scoring.exact_match(out, answer)),
-                                      task_score(ex, out, tokenizer.decode(out)), logprob) + cost)
+    out, logprob, extra = answer(ex, n, new)
+    cells.setdefault(key, []).append((float(scoring.exact_match(out, ex.answers[0])),
+                                      task_score(ex, out, tokenizer.decode(out)), logprob, extra))
   rows = []
   for (task, length, depth), scores in cells.items():
-    mean = np.mean(np.asarray(scores), axis=0)
+    em, score, logprob = np.mean(np.asarray([s[:3] for s in scores]), axis=0)
     row = {"task": task, "length": length, "depth": depth, "examples": len(scores),
-           "exact_match": float(mean[0]), "score": float(mean[1]),
-           "answer_logprob": float(mean[2]),
+           "exact_match": float(em), "score": float(score), "answer_logprob": float(logprob),
            "beyond_training": bool(train_len is not None and length > train_len)}
-    if cfg.ttt is not None:
-      row.update(method=cfg.ttt.method, prefill_gflops=float(mean[3]),
-                 ttt_gflops=float(mean[4]), thinking_tokens=int(round(mean[5])))
+    for column, value in scores[0][3].items():
+      mean = None if isinstance(value, str) else float(np.mean([s[3][column] for s in scores]))
+      row[column] = value if mean is None else round(mean) if isinstance(value, int) else mean
     rows.append(row)
   return rows
 

@@ -70,6 +70,8 @@ class PERKConfig:
     inner_optimizer: "adam" or "sgd" (the direction the learned rates scale).
     init_lr: every learned rate's initial value.
     weight_hidden: hidden width of the token-weighting MLP.
+    question_tokens: tokens of the outer row (the query and the answer, padded) in
+      meta-training.
     remat: rematerialise each inner step.
     seed: seed of the meta-parameters' initialisation.
   """
@@ -84,12 +86,13 @@ class PERKConfig:
   inner_optimizer: str = "adam"
   init_lr: float = 1e-3
   weight_hidden: int = 32
+  question_tokens: int = 64
   remat: bool = True
   seed: int = 0
 
   def __post_init__(self):
     check_fields(self)
-    for name in ("rank", "inner_steps", "weight_hidden"):
+    for name in ("rank", "inner_steps", "weight_hidden", "question_tokens"):
       if getattr(self, name) < 1:
         raise ValueError(f"PERKConfig.{name}={getattr(self, name)} must be >= 1")
     if not 0 <= self.second_order_steps <= self.inner_steps:
@@ -237,28 +240,32 @@ def adapt(model, base, meta, context, mask, perk: PERKConfig, *, return_losses: 
   direction = _direction(perk)
   first_order = perk.inner_steps - perk.second_order_steps
 
-  def step(k, lora, opt_state):
-    if k < first_order:  # truncated: the gradient is taken at stop_gradient'ed parameters
-      lora_at, w = jax.lax.stop_gradient(lora), jax.lax.stop_gradient(weights)
-    else:
+  def step(second: bool, carry, k):
+    lora, opt_state = carry
+    if second:
       lora_at, w = lora, weights
+    else:  # truncated: the gradient is taken at stop_gradient'ed parameters, and is a constant
+      lora_at, w = jax.lax.stop_gradient(lora), jax.lax.stop_gradient(weights)
     loss, grads = jax.value_and_grad(inner_loss, argnums=2)(model, base, lora_at, w,
                                                             seg_tokens, seg_mask, perk)
-    if k < first_order:
+    if not second:
       grads = jax.lax.stop_gradient(grads)
     d, opt_state = direction.update(grads, opt_state)
     rates = jax.tree.map(lambda r: jax.nn.softplus(r[k]) + MIN_RATE, meta["rates"])
     lora = jax.tree.map(lambda p, r, g: p - r * g, lora, rates, d)
-    return lora, opt_state, loss
+    return (lora, opt_state), loss
 
-  lora = meta["lora"]
-  opt_state = direction.init(lora)
-  losses = []
-  for k in range(perk.inner_steps):
-    run = (jax.checkpoint(partial(step, k)) if perk.remat else partial(step, k))
-    lora, opt_state, loss = run(lora, opt_state)
-    losses.append(loss)
-  return (lora, jnp.stack(losses)) if return_losses else lora
+  # One scan over the first-order steps, one over the second-order ones: each compiles its
+  # step once, however many steps it runs.
+  carry, losses = (meta["lora"], direction.init(meta["lora"])), []
+  for second, ks in ((False, range(first_order)), (True, range(first_order, perk.inner_steps))):
+    if len(ks):
+      body = partial(step, second)
+      carry, part = jax.lax.scan(jax.checkpoint(body) if perk.remat else body, carry,
+                                 jnp.arange(ks.start, ks.stop))
+      losses.append(part)
+  lora, losses = carry[0], jnp.concatenate(losses)
+  return (lora, losses) if return_losses else lora
 
 
 def answer_nll(model, params, tokens, targets, weights):
