@@ -166,23 +166,24 @@ def test_rates_stay_positive_and_the_seed_decides_everything():
 
 
 def test_the_inner_loop_adapts_a_decoder(caplog):
-  cfg = ModelConfig(vocab_size=61, d_model=32, num_layers=2, d_ff=48, mixers=("attention", "gla"),
-                    mixer_options={"attention": AttentionConfig(num_heads=4),
+  cfg = ModelConfig(vocab_size=29, d_model=16, num_layers=2, d_ff=24, mixers=("attention", "gla"),
+                    mixer_options={"attention": AttentionConfig(num_heads=2, head_dim=4),
                                    "gla": GLAConfig(num_heads=2, chunk_size=16)})
   with caplog.at_level(logging.INFO, logger="lctx"):
     model = perk.differentiable_model(DecoderLM(cfg))
   assert "attention impl='auto' -> 'reference'" in caplog.text
   assert "gla impl='auto' -> 'xla'" in caplog.text
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  pk = perk.PERKConfig(segment_len=16, init_lr=1e-2, targets=("q", "v", "o", "down"))
+  pk = perk.PERKConfig(rank=4, segment_len=16, init_lr=3e-2, inner_steps=3,
+                       targets=("q", "v", "o", "down"))
   meta = perk.init_meta(cfg, abstract_params(cfg), pk)
   assert sorted(meta["lora"]) == [f"layer_{i}.{m}" for i in (0, 1) for m in (
       "mixer.o", "mixer.q", "mixer.v", "mlp.down")]
-  assert meta["lora"]["layer_0.mixer.o"]["a"].shape == (32, 8)  # o [h, d, e]: fan-in h x d
-  batch = {"context": jax.random.randint(jax.random.key(1), (2, 40), 0, 61),
+  assert meta["lora"]["layer_0.mixer.o"]["a"].shape == (8, 4)  # o [h, d, e]: fan-in h x d = 8
+  batch = {"context": jax.random.randint(jax.random.key(1), (2, 40), 0, 29),
            "context_mask": jnp.ones((2, 40), bool),
-           "tokens": jax.random.randint(jax.random.key(2), (2, 10), 0, 61),
-           "targets": jax.random.randint(jax.random.key(3), (2, 10), 0, 61),
+           "tokens": jax.random.randint(jax.random.key(2), (2, 10), 0, 29),
+           "targets": jax.random.randint(jax.random.key(3), (2, 10), 0, 29),
            "weights": jnp.zeros((2, 10)).at[:, 6:].set(1.0)}
   step = jax.jit(jax.value_and_grad(perk.meta_loss, has_aux=True), static_argnums=(1, 4))
   (loss, inner), grads = step(meta, model, params, batch, pk)

@@ -201,6 +201,38 @@ def test_longeval_with_qttt_reports_its_compute(trained):
   assert code == 2 and "TTTConfig.span=500 is longer than the passkey prompt" in stderr, stderr
 
 
+def test_perk_meta_trains_resumes_and_answers_from_the_query(trained, tmp_path):
+  base, _ = trained
+  workdir = tmp_path / "perk"
+  perk = ["--gin_file=gin/ttt/perk.gin", f"--gin.TrainConfig.init_from={base}",
+          "--gin.SEQ_LEN=112", "--gin.BATCH_SIZE=2", "--gin.TrainConfig.eval_batches=1",
+          "--gin.TrainConfig.checkpoint_every=1", "--gin.TrainConfig.log_every=1",
+          "--gin.PERKConfig.segment_len=32", "--gin.PERKConfig.inner_steps=2"]
+  code, stdout, stderr = cli.run_in_process(workdir, *perk, "--gin.STEPS=2")
+  assert code == 0, stderr[-3000:]
+  assert "Finished PERK meta-training at step 2: held-out answer NLL" in stdout
+  code, stdout, stderr = cli.run_in_process(workdir, *perk, "--gin.STEPS=3")
+  assert code == 0, stderr[-3000:]
+  assert "Resuming PERK meta-training from the checkpoint at step 2" in stdout
+  with open(workdir / "metrics.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  train_rows = [r for r in rows if r["kind"] == "train"]
+  assert [int(r["step"]) for r in train_rows] == [1, 2, 3]
+  assert all(float(r["rate_mean"]) > 0 and float(r["inner_loss_first"]) > 0 for r in train_rows)
+  code, stdout, stderr = cli.run_in_process(
+      workdir, *perk, "--gin.STEPS=3", "--gin.RunConfig.mode=longeval",
+      "--gin.LongEvalConfig.tasks=('passkey',)", "--gin.LongEvalConfig.lengths=(112,)",
+      "--gin.LongEvalConfig.depths=(0.5,)", "--gin.LongEvalConfig.max_new_tokens=6")
+  assert code == 0, stderr[-3000:]
+  assert "PERK: the adapter learns each context; the model answers from the query alone" in stdout
+  assert (workdir / "longeval" / "longeval.csv").exists()
+  # Settings PERK cannot meta-train with are refused before anything is read.
+  code, _, stderr = cli.run_in_process(tmp_path / "x", "--gin_file=gin/ttt/perk.gin")
+  assert code == 2 and "set TrainConfig.init_from" in stderr, stderr
+  code, _, stderr = cli.run_in_process(tmp_path / "x", *perk, "--gin.PERKConfig.targets=('wq',)")
+  assert code == 2 and "PERKConfig.targets: 'wq' names no projection" in stderr, stderr
+
+
 def test_doc_loss_mode_scores_documents_from_their_start(trained):
   # Beyond the training length (SEQ_LEN=32): positions 0..95 of each held-out document.
   workdir, _ = trained

@@ -6,8 +6,10 @@ answering query on the passkey's tokens, before and after qTTT.
   python -m experiments.tables.qttt_length [--paper] [--out DIR]
 
 The model (2 layers, d_model 64, softmax attention with RoPE, byte tokenizer) trains on lctx's
-passkey rows (the loss on the answer only) whose prompts take every evaluation length in turn,
-padded to the longest, so that every evaluated length is a trained one. Each evaluation example
+passkey rows, the next-token loss on every token (context, query and answer: qTTT's steps use
+the context's own next-token loss, so the model must have learnt to model it), whose prompts take
+every evaluation length in turn, padded to the longest, so that every evaluated length is a
+trained one. Each evaluation example
 is then answered three ways (lctx/ttt/qttt.py): in context (greedy decoding), after qTTT
 (`--steps` Adam steps on random `--span`-token spans of the prompt, W_Q only, against the
 prefill's frozen keys and values), and with the thinking tokens of equal FLOPs decoded before
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmarking
-from experiments.tables import training
+from experiments.tables import scales, training
 from layers.attention import AttentionConfig
 from lctx.config import ModelConfig
 from lctx.data import DataConfig, make_tokenizer
@@ -69,9 +71,9 @@ class Scale:
   cost_len: int  # the prompt length at which one adaptation is timed against the prefill
 
 
-CPU = Scale(lengths=(128, 256, 512, 1024), width=64, layers=2, d_ff=128, train_examples=768,
+CPU = Scale(lengths=(128, 256, 512), width=64, layers=2, d_ff=128, train_examples=1024,
             batch_size=8, epochs=2, lr=3e-3, depths=(0.1, 0.3, 0.5, 0.7, 0.9), examples=2,
-            steps=16, span=64, ttt_lr=1e-3, cost_len=4096)
+            steps=16, span=64, ttt_lr=1e-2, cost_len=4096)
 # The paper's own settings for the record (Qwen3-4B-like shapes, N = 32 steps of k = 128 tokens,
 # contexts to 32K); far beyond this machine, and trained from scratch here, which it was not.
 PAPER = Scale(lengths=(4096, 8192, 16384, 32768), width=2560, layers=36, d_ff=9728,
@@ -104,8 +106,15 @@ def train_rows(scale: Scale, tokenizer) -> dict[str, np.ndarray]:
                      seed=seed, task=TaskConfig(answer_tokens=ANSWER_TOKENS))
     rows = TaskRows(cfg, tokenizer, TRAIN, scale.train_examples)
     pad = lambda x: np.pad(x, (0, width - len(x)))
-    per_length.append([{k: pad(v) for k, v in rows[i].items()}
-                       for i in range(scale.train_examples)])
+    mine = []
+    for i in range(scale.train_examples):
+      row = {k: pad(v) for k, v in rows[i].items()}
+      # The loss on every real token, not only on the answer: qTTT's steps take the next-token
+      # loss of spans of the context, which a model that never modelled it could not use.
+      real = row["segment_ids"] > 0
+      row["weights"] = (real & np.roll(real, -1)).astype(np.float32)
+      mine.append(row)
+    per_length.append(mine)
   items = [row for group in zip(*per_length) for row in group]
   return {k: np.stack([r[k] for r in items]) for k in items[0]}
 
@@ -224,26 +233,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.tables.qttt_length",
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--paper", action="store_true", help="the paper's sizes (not CPU scale)")
-  parser.add_argument("--lengths", help="comma-separated prompt lengths (default: the scale's)")
-  parser.add_argument("--depths", help="comma-separated needle depths (default: the scale's)")
-  for name in ("width", "layers", "d_ff", "train_examples", "batch_size", "epochs", "examples",
-               "steps", "span", "cost_len"):
-    parser.add_argument(f"--{name}", type=int)
-  for name in ("lr", "ttt_lr"):
-    parser.add_argument(f"--{name}", type=float)
+  scales.add_arguments(parser, CPU)
   parser.add_argument("--margin", type=float, default=0.1,
                       help="how much more qTTT must gain at the longest length than the shortest")
   parser.add_argument("--out", default="runs/tables/qttt_length")
   args = parser.parse_args(argv)
-  override = {name: getattr(args, name) for name in (
-      "width", "layers", "d_ff", "train_examples", "batch_size", "epochs", "examples", "steps",
-      "span", "cost_len", "lr", "ttt_lr") if getattr(args, name) is not None}
-  if args.lengths:
-    override["lengths"] = tuple(int(x) for x in args.lengths.split(","))
-  if args.depths:
-    override["depths"] = tuple(float(x) for x in args.depths.split(","))
-  scale = dataclasses.replace(PAPER if args.paper else CPU, **override)
+  scale = scales.chosen(args, CPU, PAPER)
   if len(scale.lengths) < 2 or list(scale.lengths) != sorted(set(scale.lengths)):
     parser.error("--lengths: at least two increasing prompt lengths")
   tokenizer = make_tokenizer("byte")

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmarking
+from experiments.tables import scales
 from layers.attention import AttentionConfig
 from layers.rope import RopeScaling
 from lctx import evaluate
@@ -174,16 +175,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.tables.rope_extension",
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--paper", action="store_true", help="Llama 2 Long's scale (for the record)")
+  scales.add_arguments(parser, CPU)
   parser.add_argument("--out", default="runs/tables/rope_extension")
   parser.add_argument("--variants", default=",".join(VARIANTS))
-  for field in dataclasses.fields(Scale):
-    parser.add_argument(f"--{field.name}", type=type(getattr(CPU, field.name)), default=None)
   args = parser.parse_args(argv)
-  scale = PAPER if args.paper else CPU
-  scale = dataclasses.replace(scale, **{f.name: getattr(args, f.name)
-                                        for f in dataclasses.fields(Scale)
-                                        if getattr(args, f.name) is not None})
+  scale = scales.chosen(args, CPU, PAPER)
   variants = [v for v in args.variants.split(",") if v]
   for v in variants:
     rope(v, scale)  # unknown names fail before any training

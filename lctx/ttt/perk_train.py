@@ -112,7 +112,7 @@ def _step_fn(model, perk_cfg, tx):
     updates, opt_state = tx.update(grads, state["opt_state"], state["meta"])
     meta = optax.apply_updates(state["meta"], updates)
     out = {"loss": loss, "inner_first": inner[0], "inner_last": inner[-1],
-           "grad_norm": optax.global_norm(grads),
+           "grad_norm": optax.tree.norm(grads),
            "rate_mean": jnp.mean(perk_lib.rates(meta))}
     return {"step": state["step"] + 1, "meta": meta, "opt_state": opt_state}, out
   return jax.jit(step, donate_argnums=(0,))
