@@ -147,7 +147,8 @@ def test_compute_accounting():
   span_forward = (2 * (matmul - 2 * e * kh * d) * 16 +
                   4 * h * d * sum(start + i + 1 for i in range(16)))
   assert c.step_flops == 2 * span_forward + 2 * 16 * e * h * d
-  assert c.ttt_flops == 4 * c.step_flops and c.prefill_flops == flops.forward_flops(cfg, abstract, t)
+  assert c.ttt_flops == 4 * c.step_flops
+  assert c.prefill_flops == flops.forward_flops(cfg, abstract, t)
   assert c.decode_token_flops == 2 * matmul + 4 * h * d * (t + 1)
   assert c.thinking_tokens == round(c.ttt_flops / c.decode_token_flops)
   # The paper's rule of thumb, 2 N k, holds where the projections dominate.

@@ -7,7 +7,8 @@ answering query on the passkey's tokens, before and after qTTT.
 
 The model (2 layers, d_model 64, softmax attention with RoPE, byte tokenizer) trains on lctx's
 passkey rows, the next-token loss on every token (context, query and answer: qTTT's steps use
-the context's own next-token loss, so the model must have learnt to model it), whose prompts take
+the context's own next-token loss, so the model must have learnt to model it; the answer's
+tokens weigh 10x), whose prompts take
 every evaluation length in turn, padded to the longest, so that every evaluated length is a
 trained one. Each evaluation example
 is then answered three ways (lctx/ttt/qttt.py): in context (greedy decoding), after qTTT
@@ -50,6 +51,7 @@ from lctx.ttt import qttt
 
 TASK = "passkey"
 ANSWER_TOKENS = 16
+ANSWER_WEIGHT = 10.0
 HEAD_DIM = 16
 
 
@@ -73,7 +75,7 @@ class Scale:
 
 CPU = Scale(lengths=(128, 256, 512), width=64, layers=2, d_ff=128, train_examples=1024,
             batch_size=8, epochs=2, lr=3e-3, depths=(0.1, 0.3, 0.5, 0.7, 0.9), examples=2,
-            steps=16, span=64, ttt_lr=1e-2, cost_len=4096)
+            steps=16, span=64, ttt_lr=3e-3, cost_len=4096)
 # The paper's own settings for the record (Qwen3-4B-like shapes, N = 32 steps of k = 128 tokens,
 # contexts to 32K); far beyond this machine, and trained from scratch here, which it was not.
 PAPER = Scale(lengths=(4096, 8192, 16384, 32768), width=2560, layers=36, d_ff=9728,
@@ -110,9 +112,12 @@ def train_rows(scale: Scale, tokenizer) -> dict[str, np.ndarray]:
     for i in range(scale.train_examples):
       row = {k: pad(v) for k, v in rows[i].items()}
       # The loss on every real token, not only on the answer: qTTT's steps take the next-token
-      # loss of spans of the context, which a model that never modelled it could not use.
+      # loss of spans of the context, which a model that never modelled it could not use. The
+      # answer's positions weigh ANSWER_WEIGHT times more, so that the few of them still teach
+      # the retrieval.
       real = row["segment_ids"] > 0
-      row["weights"] = (real & np.roll(real, -1)).astype(np.float32)
+      row["weights"] = np.where(row["weights"] > 0, ANSWER_WEIGHT,
+                                (real & np.roll(real, -1)).astype(np.float32))
       mine.append(row)
     per_length.append(mine)
   items = [row for group in zip(*per_length) for row in group]

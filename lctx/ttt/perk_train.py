@@ -17,6 +17,7 @@ answer NLL ("eval_loss") and its argmax accuracy on the answer tokens.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -43,6 +44,8 @@ from lctx.ttt import perk as perk_lib
 from lctx.workdir import WorkdirLock
 from sharding.mesh import make_mesh
 
+log = logging.getLogger("lctx")
+
 COLUMNS = ("inner_loss_first", "inner_loss_last", "rate_mean", "eval_answer_accuracy")
 
 
@@ -59,6 +62,9 @@ def check(configs: dict) -> None:
   if model_cfg.sequence_parallel.enabled:
     raise ValueError("PERKConfig.enabled=True runs without sequence parallelism; set "
                      "SequenceParallelConfig.method='none'")
+  if jax.process_count() > 1:
+    raise ValueError("PERKConfig.enabled=True meta-trains in one process (each example adapts "
+                     "its own adapter on one device); launch a single process")
   perk_lib.target_paths(abstract_params(model_cfg), configs["perk"])
 
 
@@ -102,6 +108,9 @@ def base_params(configs: dict):
   tx, _ = make_optimizer(configs["optimizer"], 1)
   m = build(model_cfg, make_mesh(configs["mesh"]), tx)
   state = initial_state(m, model_cfg, configs["train"].init_from, False)
+  if m.mesh.size > 1:
+    log.info("PERK runs on one device: the base parameters are gathered there and the mesh's "
+             "other %d devices stay idle", m.mesh.size - 1)
   return jax.device_put(jax.device_get(state["params"]))
 
 
