@@ -3,6 +3,7 @@ against an explicitly stop-gradient'ed unroll, positive rates, determinism, and 
 a DecoderLM."""
 
 import dataclasses
+import functools
 import logging
 import types
 
@@ -69,8 +70,12 @@ def _meta(params, cfg, key):
   return meta
 
 
+@functools.partial(jax.jit, static_argnums=(1, 4))
 def _loss(meta, model, params, batch, cfg):
   return perk.meta_loss(meta, model, params, batch, cfg)[0]
+
+
+_grad = jax.jit(jax.grad(_loss), static_argnums=(1, 4))
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -83,7 +88,7 @@ def test_meta_gradient_equals_finite_differences_in_float64(optimizer):
     params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
     meta = jax.tree.map(lambda x: x.astype(jnp.float64), _meta(params, cfg, jax.random.key(1)))
     batch = _batch(jax.random.key(2))
-    grads = jax.grad(_loss)(meta, model, params, batch, cfg)
+    grads = _grad(meta, model, params, batch, cfg)
     leaves, tree = jax.tree.flatten(meta)
     direction = jax.tree.unflatten(tree, [
         jax.random.normal(jax.random.key(10 + i), x.shape, jnp.float64)
@@ -127,20 +132,20 @@ def _explicit_truncated_loss(meta, model, params, batch, cfg):
   return jnp.mean(jax.vmap(one)(batch))
 
 
-@pytest.mark.parametrize("remat", [True, False])
-def test_truncation_equals_an_explicitly_stop_gradiented_unroll(remat):
+def test_truncation_equals_an_explicitly_stop_gradiented_unroll():
   with jax.enable_x64(True):
     cfg = perk.PERKConfig(rank=2, targets=("q", "up"), inner_steps=3, second_order_steps=1,
-                          segment_len=4, init_lr=0.05, weight_hidden=4, remat=remat)
+                          segment_len=4, init_lr=0.05, weight_hidden=4)
     model, params = _tiny(jax.random.key(0))
     params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
     meta = jax.tree.map(lambda x: x.astype(jnp.float64), _meta(params, cfg, jax.random.key(1)))
     batch = _batch(jax.random.key(2))
-    got = jax.grad(_loss)(meta, model, params, batch, cfg)
-    want = jax.grad(_explicit_truncated_loss)(meta, model, params, batch, cfg)
+    got = _grad(meta, model, params, batch, cfg)
+    want = jax.jit(jax.grad(_explicit_truncated_loss), static_argnums=(1, 4))(
+        meta, model, params, batch, cfg)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got,
                  want)
-    full = jax.grad(_loss)(meta, model, params, batch,
+    full = _grad(meta, model, params, batch,
                            dataclasses.replace(cfg, second_order_steps=3))
     assert not np.allclose(np.asarray(full["weighting"]["w2"]),
                            np.asarray(got["weighting"]["w2"]))
@@ -169,17 +174,24 @@ def test_the_inner_loop_adapts_a_decoder(caplog):
   cfg = ModelConfig(vocab_size=29, d_model=16, num_layers=2, d_ff=24, mixers=("attention", "gla"),
                     mixer_options={"attention": AttentionConfig(num_heads=2, head_dim=4),
                                    "gla": GLAConfig(num_heads=2, chunk_size=16)})
+  pk = perk.PERKConfig(rank=4, segment_len=16, init_lr=3e-2, inner_steps=2,
+                       targets=("q", "v", "o", "down"))
+  assert perk.differentiable_model(DecoderLM(cfg), dataclasses.replace(
+      pk, second_order_steps=0)).config == cfg  # first order: the model's own kernels
   with caplog.at_level(logging.INFO, logger="lctx"):
-    model = perk.differentiable_model(DecoderLM(cfg))
+    perk.differentiable_model(DecoderLM(cfg), pk)
   assert "attention impl='auto' -> 'reference'" in caplog.text
   assert "gla impl='auto' -> 'xla'" in caplog.text
+  # The second-order meta-gradient through a decoder (one layer: its compile is the cost).
+  cfg = dataclasses.replace(cfg, num_layers=1, mixers=("attention",))
+  model = perk.differentiable_model(DecoderLM(cfg), pk)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  pk = perk.PERKConfig(rank=4, segment_len=16, init_lr=3e-2, inner_steps=3,
-                       targets=("q", "v", "o", "down"))
   meta = perk.init_meta(cfg, abstract_params(cfg), pk)
-  assert sorted(meta["lora"]) == [f"layer_{i}.{m}" for i in (0, 1) for m in (
-      "mixer.o", "mixer.q", "mixer.v", "mlp.down")]
+  assert sorted(meta["lora"]) == [f"layer_0.{m}" for m in ("mixer.o", "mixer.q", "mixer.v",
+                                                          "mlp.down")]
   assert meta["lora"]["layer_0.mixer.o"]["a"].shape == (8, 4)  # o [h, d, e]: fan-in h x d = 8
+  # The adapter starts as the identity: B = 0, so the merged weights are the base's.
+  jax.tree.map(np.testing.assert_array_equal, perk.apply_lora(params, meta["lora"], pk), params)
   batch = {"context": jax.random.randint(jax.random.key(1), (2, 40), 0, 29),
            "context_mask": jnp.ones((2, 40), bool),
            "tokens": jax.random.randint(jax.random.key(2), (2, 10), 0, 29),
@@ -190,9 +202,6 @@ def test_the_inner_loop_adapts_a_decoder(caplog):
   inner = np.asarray(inner)
   assert np.isfinite(float(loss)) and inner[-1] < inner[0]
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-  # The adapter starts as the identity: B = 0, so the merged weights are the base's.
-  merged = perk.apply_lora(params, meta["lora"], pk)
-  jax.tree.map(np.testing.assert_array_equal, merged, params)
 
 
 def test_settings_perk_refuses_are_named():

@@ -110,11 +110,13 @@ class PERKConfig:
       raise ValueError("PERKConfig.targets must name at least one projection")
 
 
-def differentiable_model(model):
-  """`model`, or its twin whose mixers are twice differentiable when PERK needs second-order
-  meta-gradients: the flash kernels' backward is a custom rule that cannot be differentiated
+def differentiable_model(model, perk: PERKConfig):
+  """`model`, or, when `perk` takes second-order meta-gradients, its twin whose mixers are twice
+  differentiable: the flash kernels' backward is a custom rule that cannot be differentiated
   again (its tile loops have traced bounds), so softmax layers then run impl="reference"
   (dense, exact) and linear layers the chunked pure-JAX "xla" path instead of Pallas. Logged."""
+  if perk.second_order_steps == 0:  # every inner gradient is a constant: one level suffices
+    return model
   cfg = model.config
   options, changed = dict(cfg.mixer_options), []
   for name in cfg.mixer_names():
@@ -179,7 +181,10 @@ def init_meta(cfg: ModelConfig, abstract_params, perk: PERKConfig, key=None) -> 
   w1 = jax.random.normal(weighting_key, (e + 1, hidden)) * (e + 1) ** -0.5
   weighting = {"w1": w1, "b1": jnp.zeros((hidden,)), "w2": jnp.zeros((hidden, 1)),
                "b2": jnp.zeros((1,))}
-  return {"lora": lora, "rates": rates, "weighting": weighting}
+  meta = {"lora": lora, "rates": rates, "weighting": weighting}
+  # Strong float32 throughout (jnp.full of a Python float is weakly typed): an updated state has
+  # the same types, so a jitted step compiles once.
+  return jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.float32), meta)
 
 
 def apply_lora(params, lora, perk: PERKConfig):

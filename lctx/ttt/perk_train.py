@@ -155,7 +155,7 @@ def _train(workdir, configs):
   tokenizer = data_lib.make_tokenizer(data_cfg.tokenizer)
   eval_sets = [examples(data_cfg, tokenizer, perk_cfg, EVAL, i * data_cfg.batch_size,
                         data_cfg.batch_size) for i in range(train_cfg.eval_batches)]
-  model = perk_lib.differentiable_model(DecoderLM(model_cfg))
+  model = perk_lib.differentiable_model(DecoderLM(model_cfg), perk_cfg)
   tx, schedule = make_optimizer(configs["optimizer"], train_cfg.steps)
   meta = perk_lib.init_meta(model_cfg, abstract_params(model_cfg), perk_cfg)
   state = {"step": jnp.zeros((), jnp.int32), "meta": meta, "opt_state": tx.init(meta)}
