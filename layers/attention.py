@@ -8,6 +8,9 @@ Decoding uses its KVCache: one slot per position for full attention, a ring buff
 slots for sliding-window layers. While decoding, segment id 0 marks padding (the left padding of
 a ragged batch): those tokens are cached, but no token attends to them.
 
+With the "context_cache" collection (layers/context_cache.py) the mixer records its keys and
+values after RoPE, or answers queries of a recorded context from them (qTTT).
+
 Two mixers are registered: "attention" (AttentionConfig; full causal unless `window` is set) and
 "swa" (SlidingWindowConfig: the same mixer with its own config whose window is required), so that
 one model can hold sliding-window and full-attention layers with different settings.

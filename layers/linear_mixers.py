@@ -13,6 +13,8 @@ With decode=True the recurrent state [b, h, d_k, d_v] lives in the "cache" colle
 decoded token costs O(1); a call may also bring a chunk of a prompt, which continues from the
 cached state. While decoding, segment id 0 marks padding (the left padding of a ragged batch): a
 padding token is a no-op on the state (a zero key and no decay).
+With the "context_cache" collection (layers/context_cache.py) a call records its keys, values
+and per-token gates, or answers queries of a recorded context from them (qTTT).
 Spiking (the mixer's `spiking` SpikeConfig, layers/spiking.py): the input of the q/k/v/gate
 projections ("mixer_in") and of the output projection ("mixer_out") spike; weights may be INT8
 fake-quantized group-wise.

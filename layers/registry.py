@@ -10,7 +10,9 @@ fake-quantized), and the call signature
 With `decode=True` the mixer keeps whatever it needs for incremental decoding in the Flax
 "cache" collection and treats `positions_bt` as absolute positions of the new tokens; decoding is
 never sequence-parallel. Without decode, the arrays are in the plan's token layout (the model
-permutes its inputs once; see sharding/layout.py).
+permutes its inputs once; see sharding/layout.py). A mixer may also take part in the recorded
+context of layers/context_cache.py (record its keys and values; answer queries at absolute
+positions from a record); the softmax and linear-family mixers do.
 """
 
 import importlib
