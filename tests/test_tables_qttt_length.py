@@ -1,9 +1,12 @@
 """The qTTT length table (experiments/tables/qttt_length.py): at its tiniest size it trains,
 answers in context / after qTTT / after the thinking tokens, measures the needle mass, times one
-adaptation, prints the table, writes the CSVs and the plot and ends with the verdict."""
+adaptation, prints the table, writes the CSVs and the plot and ends with the verdict; the
+CPU-scale run is marked slow."""
 
 import csv
 import os
+
+import pytest
 
 from experiments.tables import qttt_length
 
@@ -46,3 +49,12 @@ def test_verdict_reads_the_gain_by_length():
   assert "already recalls at every length" in qttt_length.verdict(solved, 0.1)
   no_mass = table((128, 0.9, 0.9, 0.3, 0.32), (1024, 0.4, 0.8, 0.05, 0.04))
   assert "needle mass at 1024 tokens does not rise" in qttt_length.verdict(no_mass, 0.1)
+
+
+@pytest.mark.slow
+def test_cpu_scale_table(tmp_path, capsys):
+  out = str(tmp_path / "qttt")
+  assert qttt_length.main(["--out", out]) == 0
+  assert [int(r["length"]) for r in _read(os.path.join(out, "qttt_length.csv"))] == list(
+      qttt_length.CPU.lengths)
+  assert capsys.readouterr().out.strip().splitlines()[-1].startswith("qTTT's claim")
