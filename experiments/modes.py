@@ -31,6 +31,11 @@ def restore_params(workdir: str, configs: dict, m=None):
   The checkpoint is compared with the configured model first; unreadable steps are reported and
   skipped, never moved (a training run may own the workdir).
   """
+  if configs["perk"].enabled:
+    raise ValueError(f"PERKConfig.enabled=True: the checkpoints in {workdir} hold PERK's "
+                     "meta-parameters, not a model; RunConfig.mode='longeval' answers with them, "
+                     f"other modes take the base (TrainConfig.init_from="
+                     f"{configs['train'].init_from!r}) as their workdir")
   m = _model_on_mesh(configs) if m is None else m
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   try:

@@ -229,6 +229,8 @@ def test_perk_meta_trains_resumes_and_answers_from_the_query(trained, tmp_path):
   assert code == 0, stderr[-3000:]
   assert "PERK: the adapter learns each context; the model answers from the query alone" in stdout
   assert (workdir / "longeval" / "longeval.csv").exists()
+  code, _, stderr = cli.run_in_process(workdir, *perk, "--gin.RunConfig.mode=generate")
+  assert code == 2 and "hold PERK's meta-parameters, not a model" in stderr, stderr
   # Settings PERK cannot meta-train with are refused before anything is read.
   code, _, stderr = cli.run_in_process(tmp_path / "x", "--gin_file=gin/ttt/perk.gin")
   assert code == 2 and "set TrainConfig.init_from" in stderr, stderr
