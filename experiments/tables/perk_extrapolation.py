@@ -67,8 +67,8 @@ class Scale:
   multiples: tuple[int, ...] = (1, 4, 8)  # evaluation lengths in units of L
 
 
-CPU = Scale(length=256, width=64, layers=2, d_ff=128, train_examples=2048, batch_size=8,
-            epochs=1, lr=3e-3, meta_steps=150, meta_batch=4, meta_lr=3e-3, rank=8,
+CPU = Scale(length=256, width=64, layers=2, d_ff=128, train_examples=3072, batch_size=8,
+            epochs=2, lr=3e-3, meta_steps=150, meta_batch=4, meta_lr=3e-3, rank=8,
             inner_steps=4, second_order_steps=1, segment_len=64, init_lr=1e-2,
             depths=(0.1, 0.5, 0.9), examples=2, ttt_steps=16, ttt_span=64)
 # The paper's setting for the record: meta-training at 8K, evaluation to 64K (8x); far beyond
