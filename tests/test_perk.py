@@ -174,7 +174,7 @@ def test_the_inner_loop_adapts_a_decoder(caplog):
   cfg = ModelConfig(vocab_size=29, d_model=16, num_layers=2, d_ff=24, mixers=("attention", "gla"),
                     mixer_options={"attention": AttentionConfig(num_heads=2, head_dim=4),
                                    "gla": GLAConfig(num_heads=2, chunk_size=16)})
-  pk = perk.PERKConfig(rank=4, segment_len=16, init_lr=3e-2, inner_steps=2,
+  pk = perk.PERKConfig(rank=4, segment_len=8, init_lr=3e-2, inner_steps=2,
                        targets=("q", "v", "o", "down"))
   assert perk.differentiable_model(DecoderLM(cfg), dataclasses.replace(
       pk, second_order_steps=0)).config == cfg  # first order: the model's own kernels
@@ -192,8 +192,8 @@ def test_the_inner_loop_adapts_a_decoder(caplog):
   assert meta["lora"]["layer_0.mixer.o"]["a"].shape == (8, 4)  # o [h, d, e]: fan-in h x d = 8
   # The adapter starts as the identity: B = 0, so the merged weights are the base's.
   jax.tree.map(np.testing.assert_array_equal, perk.apply_lora(params, meta["lora"], pk), params)
-  batch = {"context": jax.random.randint(jax.random.key(1), (2, 40), 0, 29),
-           "context_mask": jnp.ones((2, 40), bool),
+  batch = {"context": jax.random.randint(jax.random.key(1), (2, 24), 0, 29),
+           "context_mask": jnp.ones((2, 24), bool),
            "tokens": jax.random.randint(jax.random.key(2), (2, 10), 0, 29),
            "targets": jax.random.randint(jax.random.key(3), (2, 10), 0, 29),
            "weights": jnp.zeros((2, 10)).at[:, 6:].set(1.0)}

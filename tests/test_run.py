@@ -207,16 +207,16 @@ def test_perk_meta_trains_resumes_and_answers_from_the_query(trained, tmp_path):
   perk = ["--gin_file=gin/ttt/perk.gin", f"--gin.TrainConfig.init_from={base}",
           "--gin.SEQ_LEN=112", "--gin.BATCH_SIZE=2", "--gin.TrainConfig.eval_batches=1",
           "--gin.TrainConfig.checkpoint_every=1", "--gin.TrainConfig.log_every=1",
-          "--gin.PERKConfig.segment_len=32", "--gin.PERKConfig.inner_steps=2",
+          "--gin.PERKConfig.segment_len=32", "--gin.PERKConfig.inner_steps=1",
           # First-order meta-gradients compile in a fraction of the time; tests/test_perk.py
           # checks the second-order ones.
           "--gin.PERKConfig.second_order_steps=0"]
-  code, stdout, stderr = cli.run_in_process(workdir, *perk, "--gin.STEPS=2")
+  code, stdout, stderr = cli.run_in_process(workdir, *perk, "--gin.STEPS=1")
   assert code == 0, stderr[-3000:]
-  assert "Finished PERK meta-training at step 2: held-out answer NLL" in stdout
+  assert "Finished PERK meta-training at step 1: held-out answer NLL" in stdout
   code, stdout, stderr = cli.run_in_process(workdir, *perk, "--gin.STEPS=3")
   assert code == 0, stderr[-3000:]
-  assert "Resuming PERK meta-training from the checkpoint at step 2" in stdout
+  assert "Resuming PERK meta-training from the checkpoint at step 1" in stdout
   with open(workdir / "metrics.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   train_rows = [r for r in rows if r["kind"] == "train"]

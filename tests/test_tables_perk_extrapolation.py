@@ -19,12 +19,12 @@ def _read(path):
 def test_tiniest_table(tmp_path, capsys):
   out = str(tmp_path / "perk")
   assert perk_extrapolation.main([
-      "--length", "112", "--width", "16", "--layers", "1", "--d_ff", "32", "--train_examples",
+      "--length", "100", "--width", "16", "--layers", "1", "--d_ff", "32", "--train_examples",
       "8", "--batch_size", "8", "--meta_steps", "1", "--meta_batch", "2", "--inner_steps", "1",
       "--second_order_steps", "0", "--segment_len", "32", "--depths", "0.5", "--examples", "1",
       "--ttt_steps", "1", "--ttt_span", "16", "--multiples", "1,2", "--out", out]) == 0
   table = _read(os.path.join(out, "perk_extrapolation.csv"))
-  assert [(int(r["multiple"]), int(r["length"])) for r in table] == [(1, 112), (2, 224)]
+  assert [(int(r["multiple"]), int(r["length"])) for r in table] == [(1, 100), (2, 200)]
   for r in table:
     assert all(0.0 <= float(r[m]) <= 1.0 for m in ("in_context", "qttt", "perk"))
   assert os.path.exists(os.path.join(out, "perk_extrapolation.png"))

@@ -18,19 +18,19 @@ def _read(path):
 
 def test_tiniest_table(tmp_path, capsys):
   out = str(tmp_path / "qttt")
-  assert qttt_length.main(["--lengths", "100,160", "--width", "16", "--layers", "1", "--d_ff",
+  assert qttt_length.main(["--lengths", "100,130", "--width", "16", "--layers", "1", "--d_ff",
                            "32", "--train_examples", "8", "--batch_size", "8", "--epochs", "1",
                            "--examples", "1", "--depths", "0.5", "--steps", "2", "--span", "16",
-                           "--cost_len", "128", "--out", out]) == 0
+                           "--cost_len", "110", "--out", out]) == 0
   table = _read(os.path.join(out, "qttt_length.csv"))
-  assert [int(r["length"]) for r in table] == [100, 160]
+  assert [int(r["length"]) for r in table] == [100, 130]
   for r in table:
     for key in ("in_context", "qttt", "thinking", "mass_before", "mass_after"):
       assert 0.0 <= float(r[key]) <= 1.0, key
     assert float(r["qttt_gain"]) == float(r["qttt"]) - float(r["in_context"])
     assert int(r["thinking_tokens"]) > 0 and float(r["ttt_over_prefill"]) > 0
   (cost,) = _read(os.path.join(out, "qttt_cost.csv"))
-  assert int(cost["prompt_len"]) == 128 and float(cost["adapt_s"]) > 0
+  assert int(cost["prompt_len"]) == 110 and float(cost["adapt_s"]) > 0
   assert os.path.exists(os.path.join(out, "qttt_length.png"))
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert last.startswith("qTTT's claim")
