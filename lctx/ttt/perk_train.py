@@ -17,6 +17,7 @@ answer NLL ("eval_loss") and its argmax accuracy on the answer tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -31,9 +32,8 @@ from tqdm import tqdm
 from lctx import data as data_lib
 from lctx.checkpoint import Checkpointer, CheckpointUnreadable
 from lctx.data.tasks import EVAL, TRAIN, answer_tokens
-from lctx.evals import scoring
+from lctx.evals import longeval
 from lctx.evals.tasks import make_example
-from lctx.generate import generate
 from lctx.init_from import initial_state
 from lctx.metrics import MetricsWriter
 from lctx.model import DecoderLM, abstract_params
@@ -258,15 +258,10 @@ class Answerer:
     self.model, self.base, self.meta, self.perk = model, base, meta, perk_cfg
     self._adapted = jax.jit(lambda meta, base, context, mask: perk_lib.apply_lora(
         base, perk_lib.adapt(model, base, meta, context, mask, perk_cfg), perk_cfg))
-    self._logits = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
 
   def __call__(self, ex, index: int, max_new_tokens: int):
     context = jnp.asarray(ex.prompt[:ex.context_len], jnp.int32)
     params = self._adapted(self.meta, self.base, context, jnp.ones(context.shape, bool))
-    question = jnp.asarray(ex.prompt[ex.context_len:][None], jnp.int32)
-    out = np.asarray(generate(self.model, params, question, jax.random.key(0),
-                              max_new_tokens=max_new_tokens))[0]
-    answer = ex.answers[0]
-    logits = self._logits(params, jnp.asarray(np.concatenate([question[0], answer])[None]))[0]
-    logprob = scoring.answer_logprob(np.asarray(logits, np.float32), answer, question.shape[1])
-    return out, logprob, {}
+    # In-context answering of the query alone, with the adapted weights.
+    query = dataclasses.replace(ex, prompt=ex.prompt[ex.context_len:], context_len=0)
+    return longeval.plain_answerer(self.model, params)(query, index, max_new_tokens)

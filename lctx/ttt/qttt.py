@@ -293,6 +293,7 @@ def needle_mass(model, params, record, prompt_bt, needle_bt):
   _, variables = model.apply({"params": params, context_cache.COLLECTION: record},
                              prompt_bt[:, -1:], positions, mutable=[context_cache.QUERIES])
   queries = traverse_util.flatten_dict(variables[context_cache.QUERIES])
+  keys = traverse_util.flatten_dict(record)
   masses = []
   for i, layer in enumerate(cfg.layer_mixers()):
     names = layer.split("+")
@@ -305,7 +306,7 @@ def needle_mass(model, params, record, prompt_bt, needle_bt):
                          "context's keys alone")
       where = (f"layer_{i}", "mixer") + ((name,) if len(names) > 1 else ())
       q = queries[where + ("q",)]
-      key = traverse_util.flatten_dict(record)[where + ("key",)]
+      key = keys[where + ("key",)]
       weights = context_cache.attention_weights(q, positions, key, window=mixer.window)
       masses.append(jnp.sum(jnp.where(needle_bt[:, None, None, :], weights, 0.0), axis=-1)
                     .mean(axis=(1, 2)))
