@@ -3,6 +3,10 @@
   python -m experiments.run --gin_file=gin/quickstart.gin --workdir=/tmp/run \
       [--gin_file=more.gin ...] [--gin.NAME=VALUE ...]
 
+One process of a multi-process run (launch/local.sh, launch/slurm.sbatch, launch/tpu_pod.sh) adds
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or `--distributed` to let JAX
+detect the cluster; every process runs the same command otherwise.
+
 `--gin.NAME=VALUE` becomes the gin binding `NAME = VALUE`; a VALUE that is not gin syntax (a
 number, True/False/None, a quoted string, a list, tuple or dict, an @reference or a %macro) is
 taken as a string, so `--gin.RunConfig.mode=generate`, `--gin.DataConfig.tokenizer=/abs/tok.json`
@@ -78,6 +82,21 @@ def parse_args(argv: list[str]):
   parser.add_argument("--gin_file", action="append", default=[],
                       help="gin file (repeatable; later files override earlier ones)")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics and config go here")
+  group = parser.add_argument_group(
+      "multi-process runs (launch/ starts the processes; lctx/distributed.py)")
+  group.add_argument("--coordinator_address", default="",
+                     help="host:port of process 0 (with --num_processes and --process_id)")
+  group.add_argument("--num_processes", type=int, default=None, help="processes in the run")
+  group.add_argument("--process_id", type=int, default=None, help="this process's index")
+  group.add_argument("--distributed", action="store_true",
+                     help="join a multi-process run found by JAX's cluster auto-detection "
+                          "(SLURM, Open MPI, Cloud TPU VMs, GKE, JAX_COORDINATOR_ADDRESS)")
+  group.add_argument("--initialization_timeout", type=int, default=300,
+                     help="seconds to wait for every process to join")
+  group.add_argument("--heartbeat_timeout", type=int, default=100,
+                     help="seconds after which a silent process counts as lost and the run stops")
+  group.add_argument("--shutdown_timeout", type=int, default=300,
+                     help="seconds the processes wait for each other at exit")
   args, rest = parser.parse_known_args(argv)
   bindings = []
   for arg in rest:
@@ -164,8 +183,14 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  from lctx import distributed
   from lctx import workdir as workdir_lib
   try:
+    dist = distributed.DistributedConfig(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+        process_id=args.process_id, auto=args.distributed,
+        initialization_timeout=args.initialization_timeout,
+        heartbeat_timeout=args.heartbeat_timeout, shutdown_timeout=args.shutdown_timeout)
     configs = load_configs(args.gin_file, bindings)
     workdir = workdir_lib.prepare(args.workdir)
   except ValueError as e:
@@ -173,6 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_CONFIG
   # The operative config is written by the mode once the workdir's checkpoint is known to match.
   configs["gin"] = gin.operative_config_str()
+  if dist.enabled:  # before anything touches a device
+    try:
+      distributed.initialize(dist)
+    except RuntimeError as e:
+      print(f"lctx: runtime failure: {e}", file=sys.stderr)
+      return EXIT_RUNTIME
+    print(f"lctx: {distributed.summary()}", flush=True)
+    try:
+      distributed.check_same_config(configs["gin"])
+    except ValueError as e:
+      print(f"lctx: configuration error: {e}", file=sys.stderr)
+      return EXIT_CONFIG
 
   from experiments import modes  # heavy imports (jax) only after the config is known good
   from lctx.errors import RunFailure

@@ -27,7 +27,6 @@ from layers.spike_coding import CODINGS
 from layers.spike_stats import merge_trees, summarize
 from lctx import data as data_lib
 from lctx.model import DecoderLM
-from lctx.trainer import global_batch
 
 COLUMNS = ["coding", "layer", "site", "module", "firing_rate", "sparsity", "spikes_per_channel",
            "never_firing", "time_steps", "unrepresentable", "mean_abs_count", "channels",
@@ -47,7 +46,7 @@ def checkpoint_statistics(m, params, batches, spiking) -> list[dict]:
                out_shardings=None)
   total = None
   for batch in batches:
-    tree = jax.device_get(step(params, global_batch(m, batch)))
+    tree = jax.device_get(step(params, m.put_batch(batch)))
     total = tree if total is None else merge_trees(total, tree)
   if not total:
     raise ValueError("no spiking input sowed statistics: SpikeConfig.sites is empty")

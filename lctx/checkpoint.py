@@ -13,11 +13,14 @@ garbled data item, non-finite parameters) is reported with its step and the reas
 newest is tried.
 """
 
+import dataclasses
+import glob
+import json
 import logging
 import os
 import shutil
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,13 +35,69 @@ class CheckpointUnreadable(Exception):
   """One checkpoint step cannot be read (the message says why)."""
 
 
+class ProcessDataHandler(ocp.CheckpointHandler):
+  """The data-iterator state of every process: each writes `process_I-of-N.json`; a restore
+  reads them all and merges their "shards" (lctx/data/shards.py), so that any process count can
+  pick the shards it reads. A checkpoint of a single process written before this handler (one
+  JSON file, `metadata`) reads as that process's state."""
+
+  def save(self, directory, args):
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (directory / name).write_text(json.dumps(args.item))
+
+  def restore(self, directory, args=None):
+    del args
+    files = sorted(glob.glob(os.path.join(os.fspath(directory), "process_*-of-*.json")))
+    if not files:
+      legacy = directory / "metadata"
+      if not legacy.exists():
+        raise FileNotFoundError(f"no data-iterator state (process_*-of-*.json) in {directory}")
+      return json.loads(legacy.read_text())
+    states = [json.loads(open(f).read()) for f in files]
+    if not all(isinstance(s, dict) for s in states):
+      return states[0]  # reported by the caller
+    if not all("shards" in s for s in states):
+      return states[0]
+    merged = {"data_shards": states[0].get("data_shards"), "shards": {}}
+    for f, state in zip(files, states):
+      if state.get("data_shards") != merged["data_shards"]:
+        raise ValueError(f"{f} holds the state of {state.get('data_shards')} data shards, "
+                         f"{files[0]} of {merged['data_shards']}")
+      merged["shards"].update(state["shards"])
+    return merged
+
+  def structure(self, directory):
+    return None
+
+  def metadata(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(ProcessDataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(ProcessDataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any = None
+
+
 def _handler_registry():
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
     registry.add("state", args, ocp.StandardCheckpointHandler)
   registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
-  for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
-    registry.add("data", args, ocp.JsonCheckpointHandler)
+  for args in (DataSave, DataRestore):
+    registry.add("data", args, ProcessDataHandler)
   return registry
 
 
@@ -73,15 +132,23 @@ def _drop_late_read_callbacks() -> None:
 
 
 class Checkpointer:
-  """Saves {"state": train state, "data": data-iterator state} every step it is asked to."""
+  """Saves {"state": train state, "data": every process's data-iterator state} every step it is
+  asked to. Every process of a run takes part in each save and restore (orbax writes each
+  array's shards from the process that owns them; process 0 commits the step).
 
-  def __init__(self, directory: str, keep: int = 3):
+  With `async_save` a save returns once the arrays are copied off the devices and is written in
+  the background, still into a temporary directory renamed when complete; the next save, and
+  `close`, wait for it first (and report its failure).
+  """
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = False):
     self.directory = os.path.abspath(directory)
     self.unreadable_directory = self.directory + "_unreadable"
+    self._async, self._pending = async_save, None
     _drop_late_read_callbacks()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=async_save)
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             handler_registry=_handler_registry())
@@ -96,15 +163,31 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_state: dict) -> None:
+    self.wait()
     try:
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       data=ocp.args.JsonSave(data_state)),
+                                                       data=DataSave(data_state)),
                          force=True)
-      self._manager.wait_until_finished()
+      if self._async:
+        self._pending = step
+      else:
+        self._manager.wait_until_finished()
     except Exception as e:  # a full disk, a vanished directory: the earlier steps stay intact
-      raise RunFailure(f"saving the checkpoint of step {step} to {self.directory} failed "
-                       f"({_reason(e)}); the earlier checkpoints {self.all_steps()} are "
-                       f"kept") from e
+      raise self._failure(step, e) from e
+
+  def wait(self) -> None:
+    """Waits for a background save; RunFailure if it failed."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._failure(step, e) from e
+
+  def _failure(self, step: int, e: BaseException) -> RunFailure:
+    return RunFailure(f"saving the checkpoint of step {step} to {self.directory} failed "
+                      f"({_reason(e)}); the earlier checkpoints {self.all_steps()} are kept")
 
   def choose_step(self, step: int | None, setting: str) -> int:
     """`step` if saved here (None: the newest); ValueError naming `setting` otherwise."""
@@ -136,7 +219,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                        data=ocp.args.JsonRestore()))
+                                        data=DataRestore()))
       state, data = restored["state"], restored["data"]
     except Exception as e:
       raise CheckpointUnreadable(f"restoring it failed ({_reason(e)})") from e
@@ -158,7 +241,19 @@ class Checkpointer:
       raise CheckpointUnreadable(f"restoring its parameters failed ({_reason(e)})") from e
 
   def move_aside(self, step: int, reason: str) -> str:
-    """Moves an unreadable step out of the checkpoint directory (kept, never deleted)."""
+    """Moves an unreadable step out of the checkpoint directory (kept, never deleted); in a run
+    of several processes process 0 moves it and the others wait for that."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      dest = self.unreadable_directory + f"/{step}"
+      if jax.process_index() == 0:
+        dest = self._move(step, reason)
+      multihost_utils.sync_global_devices(f"lctx move aside {step}")
+      self._manager.reload()
+      return dest
+    return self._move(step, reason)
+
+  def _move(self, step: int, reason: str) -> str:
     os.makedirs(self.unreadable_directory, exist_ok=True)
     dest, n = os.path.join(self.unreadable_directory, str(step)), 1
     while os.path.exists(dest):
@@ -167,11 +262,15 @@ class Checkpointer:
     shutil.move(self.step_dir(step), dest)
     with open(dest + ".reason.txt", "w") as f:
       f.write(reason + "\n")
-    self._manager.reload()
+    if jax.process_count() == 1:
+      self._manager.reload()
     return dest
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def restore_newest_readable(ckpt: Checkpointer, check_tree: Callable[[int, dict], None],

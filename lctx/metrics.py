@@ -68,6 +68,19 @@ class MetricsWriter:
       self._tb.close()
 
 
+class NullMetricsWriter:
+  """The writer of every process but 0 of a multi-process run: metrics come from process 0."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.csv")
+
+  def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def _fmt(v):
   return repr(float(v)) if isinstance(v, float) else v
 

@@ -8,6 +8,7 @@ read its parameters). The checkpoint's tree is compared with the model's before 
 from lctx import compat
 from lctx.checkpoint import Checkpointer, CheckpointUnreadable, restore_newest_readable
 from lctx.config import ModelConfig
+from lctx.data.shards import DataShardsMismatch
 from lctx.state import ModelOnMesh
 from lctx.steps import all_finite
 
@@ -42,6 +43,8 @@ def restore_checkpoint(ckpt: Checkpointer, m: ModelOnMesh, model_cfg: ModelConfi
     if data_iter is not None:
       try:
         data_iter.set_state(data_state)
+      except DataShardsMismatch:  # a good checkpoint read by another process count
+        raise
       except Exception as e:
         raise CheckpointUnreadable(f"its data-iterator state does not apply "
                                    f"({type(e).__name__}: {e})") from e

@@ -10,11 +10,13 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax.sharding import PartitionSpec
 
 from lctx.config import ModelConfig
 from lctx.model import DecoderLM
+from sharding import hosts
 from sharding.rules import LOGICAL_AXIS_RULES, batch_sharding, logical_shardings
 from sharding.plan import make_plan
 
@@ -37,6 +39,20 @@ class ModelOnMesh:
   @property
   def abstract_params(self):
     return self.abstract_state["params"]
+
+  def process_rows(self, rows: int, length: int) -> tuple[int, int]:
+    """[start, stop) of the rows of a [rows, length] batch that this process's devices hold."""
+    return hosts.process_rows(self.batch_sharding, (rows, length))
+
+  def put_rows(self, local: dict, rows: int) -> dict:
+    """Global [rows, length] arrays from this process's rows (`process_rows`) of a batch."""
+    return hosts.to_global(self.batch_sharding, local, rows)
+
+  def put_batch(self, batch: dict) -> dict:
+    """Global arrays from a batch that every process holds whole (evaluation data)."""
+    rows, length = np.shape(batch["tokens"])
+    start, stop = self.process_rows(rows, length)
+    return self.put_rows({k: np.asarray(v)[start:stop] for k, v in batch.items()}, rows)
 
   def init_state(self, seed: int):
     with self.context():

@@ -11,13 +11,15 @@ import numpy as np
 from tqdm import tqdm
 
 from lctx import data as data_lib
+from lctx import distributed
 from lctx import evaluate
 from lctx import transfer as transfer_lib
 from lctx.checkpoint import Checkpointer
 from lctx.config import ModelConfig
+from lctx.data.shards import ProcessRows, resolve_shards
 from lctx.data.tasks import task_vocab
 from lctx.init_from import initial_state
-from lctx.metrics import MetricsWriter
+from lctx.metrics import MetricsWriter, NullMetricsWriter
 from lctx.optim import OptimizerConfig, make_optimizer
 from lctx.restore import restore_checkpoint
 from lctx.state import ModelOnMesh, build
@@ -48,7 +50,9 @@ class TrainConfig:
       lctx/init_from.py. Empty: random initialisation. A resumed run ignores it.
     init_optimizer_state: with init_from a run's workdir, carry its optimizer state over too
       (the learning-rate schedule restarts; the step counter starts at 0 either way).
-    progress_bar: show a tqdm progress bar.
+    progress_bar: show a tqdm progress bar (process 0's).
+    async_checkpoint: write checkpoints in the background (lctx/checkpoint.py): a save returns
+      once the state is copied off the devices; still atomic, and the next save waits for it.
   """
 
   steps: int = 500
@@ -64,6 +68,7 @@ class TrainConfig:
   init_from: str = ""
   init_optimizer_state: bool = False
   progress_bar: bool = True
+  async_checkpoint: bool = False
 
   def __post_init__(self):
     check_fields(self)
@@ -114,16 +119,11 @@ def check_compatible(model_cfg: ModelConfig, data_cfg: data_lib.DataConfig,
                      f"{detail}")
 
 
-def global_batch(m: ModelOnMesh, local_batch: dict) -> dict:
-  """Assembles this process's rows into global arrays sharded over the mesh."""
-  return {k: jax.make_array_from_process_local_data(m.batch_sharding, np.asarray(v))
-          for k, v in local_batch.items()}
-
-
 def run_eval(m: ModelOnMesh, eval_step, params, batches, seq_len: int) -> dict[str, float]:
+  """Sums over the global eval batches (every process holds them whole and puts its rows)."""
   sums = None
   for batch in batches:
-    out = jax.device_get(eval_step(params, global_batch(m, batch)))
+    out = jax.device_get(eval_step(params, m.put_batch(batch)))
     sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
   return evaluate.summarize(sums["ce"], sums["count"], seq_len, sums["correct"])
 
@@ -176,19 +176,25 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text,
   tokenizer = data_lib.make_tokenizer(data_cfg.tokenizer)
   mesh = make_mesh(mesh_cfg)
   check_compatible(model_cfg, data_cfg, train_cfg, tokenizer, mesh)
-  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  data_iter = data_lib.train_iterator(data_cfg, tokenizer, **shard)
-  eval_data = data_lib.eval_batches(data_cfg, tokenizer, train_cfg.eval_batches)
-
+  shards = resolve_shards(data_cfg, jax.process_count())
   m = build(model_cfg, mesh, tx)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
+  rows = m.process_rows(data_cfg.batch_size, data_cfg.seq_len)
+  data_iter = ProcessRows(data_cfg, tokenizer, rows, shards)
+  eval_data = data_lib.eval_batches(data_cfg, tokenizer, train_cfg.eval_batches)
+  primary = jax.process_index() == 0
+  log.info("%s; mesh %s; training rows %d..%d of %d from data shards %s of %d",
+           distributed.summary(), dict(mesh.shape), rows[0], rows[1], data_cfg.batch_size,
+           data_iter.indices, shards)
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints,
+                      async_save=train_cfg.async_checkpoint)
   try:
     restored = restore_checkpoint(ckpt, m, model_cfg, workdir, gin_text, full_state=True,
                                   data_iter=data_iter, move_aside=True)
   except BaseException:
     ckpt.close()
     raise
-  if jax.process_index() == 0:
+  if primary:
     write_operative_config(workdir, gin_text)
   if restored is None and train_cfg.init_from:
     start, state = 0, initial_state(m, model_cfg, train_cfg.init_from,
@@ -204,14 +210,17 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text,
 
   buckets = evaluate.bucket_edges(data_cfg.seq_len, train_cfg.position_buckets)
   aux_columns = ("aux_loss",) if model_cfg.moe.enabled else ()
-  metrics = MetricsWriter(workdir, aux_columns + tuple(evaluate.bucket_column(lo, hi)
-                                                       for lo, hi in buckets),
-                          resume_step=start)
-  sample_iter = data_lib.train_iterator(data_cfg, tokenizer, **shard)
+  columns = aux_columns + tuple(evaluate.bucket_column(lo, hi) for lo, hi in buckets)
+  metrics = (MetricsWriter(workdir, columns, resume_step=start) if primary
+             else NullMetricsWriter(workdir))
+  sample_iter = ProcessRows(data_cfg, tokenizer, rows, shards)
   counts = evaluate.unigram_counts((next(sample_iter) for _ in range(train_cfg.unigram_batches)),
                                    tokenizer.vocab_size)
+  # The counts of every distinct block of rows, summed over processes: those of all rows.
+  counts = distributed.sum_distinct(counts, key=rows[0])
   unigram = evaluate.unigram_loss(counts, eval_data)
-  print(f"Unigram baseline (token frequencies of {train_cfg.unigram_batches} training batches, "
+  if primary:
+    print(f"Unigram baseline (token frequencies of {train_cfg.unigram_batches} training batches, "
         f"scored on the eval set): {unigram:.4f} nats/token")
 
   train_step = m.jit(make_train_step(m.model, tx, schedule, train_cfg.grad_accum_steps,
@@ -236,10 +245,10 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text,
         f"{opt_cfg.clip_norm}).")
 
   bar = tqdm(total=train_cfg.steps, initial=start, desc="train", unit="step",
-             disable=not train_cfg.progress_bar or jax.process_index() != 0)
+             disable=not train_cfg.progress_bar or not primary)
   try:
     for step in range(start + 1, train_cfg.steps + 1):
-      state, step_metrics = train_step(state, global_batch(m, next(data_iter)))
+      state, step_metrics = train_step(state, m.put_rows(next(data_iter), data_cfg.batch_size))
       pending.append((step, step_metrics))
       bar.update(1)
       is_last = step == train_cfg.steps
@@ -269,15 +278,16 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text,
       if do_eval:
         final_eval = run_eval(m, eval_step, state["params"], eval_data, data_cfg.seq_len)
         metrics.write("eval", step, final_eval)
-        bar.write(f"step {step}: eval loss {final_eval['eval_loss']:.4f} "
-                  f"(ppl {final_eval['eval_ppl']:.2f}; unigram baseline {unigram:.4f})")
+        if primary:
+          bar.write(f"step {step}: eval loss {final_eval['eval_loss']:.4f} "
+                    f"(ppl {final_eval['eval_ppl']:.2f}; unigram baseline {unigram:.4f})")
       if do_ckpt:
         # Only a state that can be trained on is saved: finite updated parameters with a finite
         # loss on a held-out batch (the fetched losses above were of the pre-update parameters).
         if not bool(finite(state["params"])):
           raise diverged(f"the parameters after step {step} hold NaN or infinite values "
                          f"(not saved)")
-        probe = float(np.sum(eval_step(state["params"], global_batch(m, eval_data[0]))["ce"]))
+        probe = float(np.sum(eval_step(state["params"], m.put_batch(eval_data[0]))["ce"]))
         if not math.isfinite(probe):
           raise diverged(f"the parameters after step {step} give a loss of {probe} on a "
                          f"held-out batch (not saved)")

@@ -159,6 +159,10 @@ class DataConfig:
       positions restarting at every document. If False, every row is one
       segment and positions are ``arange(seq_len)``.
     seed: Seed of the training shuffle.
+    data_shards: The training data is read as this many shards, each giving batch_size /
+      data_shards rows of every batch (lctx/data/shards.py); 0: one per process. A fixed
+      count makes the batches the same for any number of processes, and lets a run saved by
+      N processes resume with M.
     task: The task's settings when `source` is "task:<name>".
     mixture: With `source = "mixture"`: the named sources (`SourceConfig`) and their weights,
       each with its own segment length and packing; its position (every source's) is part of
@@ -177,6 +181,7 @@ class DataConfig:
   eval_every_nth: int = 20
   document_mask: bool = True
   seed: int = 0
+  data_shards: int = 0
   task: TaskConfig = TaskConfig()
   mixture: tuple[SourceConfig, ...] = ()
 
@@ -223,6 +228,7 @@ class DataConfig:
     # 1 would hold out every document and leave nothing to train on.
     _check_min("eval_every_nth", self.eval_every_nth, minimum=2)
     _check_min("seed", self.seed, minimum=0)
+    _check_min("data_shards", self.data_shards, minimum=0)
     _check_min("piece_chars", self.piece_chars, minimum=0)
     if not 0.0 <= self.long_fraction <= 1.0:
       raise ValueError(
