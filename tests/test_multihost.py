@@ -180,9 +180,10 @@ def test_sequence_parallel_across_the_process_boundary_equals_one_process(tmp_pa
   # seq=8 over 2 processes x 4 devices: the ring of the softmax layers and ZeCO's All-Scan of
   # the GLA layers both pass from process 0's devices to process 1's.
   sp = ["--gin_file=gin/models/tiny_gla.gin", "--gin_file=gin/parallel/sequence.gin",
-        "--gin.ModelConfig.mixers=['gla','attention']", "--gin.GLAConfig.chunk_size=8",
-        "--gin.SEQ_LEN=128", "--gin.STEPS=3",
-        "--gin.TrainConfig.eval_every=3", "--gin.TrainConfig.log_every=1"]
+        "--gin.ModelConfig.mixers=['gla','attention']", "--gin.GLAConfig.chunk_size=16",
+        "--gin.SEQ_LEN=256", "--gin.STEPS=2", "--gin.TrainConfig.eval_batches=1",
+        "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.log_every=1",
+        "--gin.SequenceParallelConfig.scan_blocks=1"]
   one = tmp_path / "one"
   proc = _one_process(one, *sp)
   assert proc.returncode == 0, proc.stderr[-3000:]
