@@ -1,7 +1,6 @@
 """Shared pytest setup: the repository root on sys.path, float32 matmuls at full precision, one
 persistent compilation cache for the whole session, XLA's backend at optimisation level 0 with its
-older fusion emitters, and the
-README runs kept on one worker.
+older fusion emitters, and the README runs kept on one worker.
 
 The suite's programs are tiny and compiled once each: LLVM's optimisation of the generated CPU
 code took more time than running it (a sequence-parallel check: 52 s at the default level, 30 s at
@@ -9,8 +8,7 @@ code took more time than running it (a sequence-parallel check: 52 s at the defa
 19 s of compilation with the new MLIR emitters, 15-17 s without). Both change how the generated
 code is built, not what it computes (HLO passes still run; every reference comparison of the
 suite passes under them); every process the tests start gets them through XLA_FLAGS
-(tests/cli.py: `xla_flags`). Benchmarks and
-README runs outside the suite use XLA's defaults.
+(tests/cli.py: `xla_flags`). Benchmarks and README runs outside the suite use XLA's defaults.
 
 The cache lives in a fresh temporary directory made here (removed at exit), so it is empty when a
 session starts and no result depends on an earlier run; the environment variables hand it to

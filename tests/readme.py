@@ -4,8 +4,9 @@ The commands are read from the README's bash blocks (continuation lines joined, 
 `&&` dropped) and run in the README's order from a scratch directory that holds the files the
 examples name (`data/*.jsonl`), so later commands find the workdirs of earlier ones. Only sizes
 are appended (model width, steps, batch, eval batches); each command's files, modes, workdir,
-device count and sequence length are its own. Consecutive commands with the same environment run
-in one process. The session fixture `readme_runs` (conftest.py) runs them once for every test
+device count and sequence length are its own. The commands with the same environment run in one
+process, in the README's order (a command reads only the workdirs of earlier commands of its own
+environment, so the groups run one after another). The session fixture `readme_runs` (conftest.py) runs them once for every test
 that reads their results.
 """
 
@@ -92,9 +93,11 @@ def run_readme_commands(directory: str) -> ReadmeRuns:
       f.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n")
   groups: list[Group] = []
   for env, argv in readme_commands():
-    if not groups or groups[-1].env != env:
-      groups.append(Group(env, []))
-    groups[-1].argvs.append(argv + TINY_SIZE)
+    group = next((g for g in groups if g.env == env), None)
+    if group is None:
+      group = Group(env, [])
+      groups.append(group)
+    group.argvs.append(argv + TINY_SIZE)
   for group in groups:
     group.proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(group.argvs)],
                                 cwd=directory, env=_env(group.env),

@@ -15,6 +15,7 @@ from experiments.run import load_configs
 from lctx import compat
 from lctx import data as data_lib
 from lctx.checkpoint import Checkpointer
+from lctx.data.shards import ProcessRows
 from lctx.errors import RunFailure
 from lctx.optim import make_optimizer
 from lctx.state import build
@@ -56,10 +57,10 @@ def _corrupt(step_dir, kind):
   elif kind == "data_deleted":
     shutil.rmtree(os.path.join(step_dir, "data"))
   elif kind == "data_garbled":
-    with open(os.path.join(step_dir, "data", "metadata"), "w") as f:
+    with open(os.path.join(step_dir, "data", "process_0-of-1.json"), "w") as f:
       f.write("{not json")
   elif kind == "data_wrong":
-    with open(os.path.join(step_dir, "data", "metadata"), "w") as f:
+    with open(os.path.join(step_dir, "data", "process_0-of-1.json"), "w") as f:
       f.write('{"unexpected": 1}')
   else:
     raise AssertionError(kind)
@@ -88,7 +89,8 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_moved_aside(trained, tmp
   configs, m, tokenizer = tiny_model
   workdir = _copy(trained, tmp_path)
   _corrupt(workdir / "checkpoints" / "24", kind)
-  data_iter = data_lib.train_iterator(configs["data"], tokenizer)
+  data_cfg = configs["data"]
+  data_iter = ProcessRows(data_cfg, tokenizer, (0, data_cfg.batch_size), 1)
   ckpt = Checkpointer(str(workdir / "checkpoints"))
   with caplog.at_level(logging.WARNING, logger="lctx"):
     step, state = restore_checkpoint(ckpt, m, configs["model"], str(workdir), None,
