@@ -93,7 +93,7 @@ def parse_args(argv: list[str]):
                           "(SLURM, Open MPI, Cloud TPU VMs, GKE, JAX_COORDINATOR_ADDRESS)")
   group.add_argument("--initialization_timeout", type=int, default=300,
                      help="seconds to wait for every process to join")
-  group.add_argument("--heartbeat_timeout", type=int, default=100,
+  group.add_argument("--heartbeat_timeout", type=int, default=60,
                      help="seconds after which a silent process counts as lost and the run stops")
   group.add_argument("--shutdown_timeout", type=int, default=300,
                      help="seconds the processes wait for each other at exit")

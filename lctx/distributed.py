@@ -48,7 +48,7 @@ class DistributedConfig:
   process_id: int | None = None
   auto: bool = False
   initialization_timeout: int = 300
-  heartbeat_timeout: int = 100
+  heartbeat_timeout: int = 60
   shutdown_timeout: int = 300
 
   def __post_init__(self):
