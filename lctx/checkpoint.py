@@ -53,11 +53,12 @@ class ProcessDataHandler(ocp.CheckpointHandler):
       if not legacy.exists():
         raise FileNotFoundError(f"no data-iterator state (process_*-of-*.json) in {directory}")
       return json.loads(legacy.read_text())
-    states = [json.loads(open(f).read()) for f in files]
-    if not all(isinstance(s, dict) for s in states):
-      return states[0]  # reported by the caller
-    if not all("shards" in s for s in states):
-      return states[0]
+    states = []
+    for f in files:
+      with open(f) as fh:
+        states.append(json.load(fh))
+    if not all(isinstance(s, dict) and "shards" in s for s in states):
+      return states[0]  # not a state of data shards: the caller says whether it applies
     merged = {"data_shards": states[0].get("data_shards"), "shards": {}}
     for f, state in zip(files, states):
       if state.get("data_shards") != merged["data_shards"]:

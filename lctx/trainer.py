@@ -220,8 +220,8 @@ def _train(workdir, model_cfg, data_cfg, opt_cfg, train_cfg, mesh_cfg, gin_text,
   counts = distributed.sum_distinct(counts, key=rows[0])
   unigram = evaluate.unigram_loss(counts, eval_data)
   if primary:
-    print(f"Unigram baseline (token frequencies of {train_cfg.unigram_batches} training batches, "
-        f"scored on the eval set): {unigram:.4f} nats/token")
+    print(f"Unigram baseline (token frequencies of {train_cfg.unigram_batches} training "
+          f"batches, scored on the eval set): {unigram:.4f} nats/token")
 
   train_step = m.jit(make_train_step(m.model, tx, schedule, train_cfg.grad_accum_steps,
                                      loss_fn),
