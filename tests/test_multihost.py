@@ -67,6 +67,11 @@ def reference(tmp_path_factory):
   return workdir
 
 
+# The tests that read the reference run share one xdist worker, so that it runs once.
+REFERENCE_GROUP = pytest.mark.xdist_group("multihost_reference")
+
+
+@REFERENCE_GROUP
 def test_two_processes_equal_one_and_resume_after_a_kill_with_any_process_count(reference,
                                                                                 tmp_path):
   # Asynchronous checkpoints: a kill must still leave only complete steps behind.
@@ -110,6 +115,7 @@ def test_two_processes_equal_one_and_resume_after_a_kill_with_any_process_count(
   cli.assert_same_metrics(reference, workdir)  # also: 2 processes x 2 devices == 1 x 4
 
 
+@REFERENCE_GROUP
 def test_slurm_script_resumes_a_single_process_run_with_two_tasks(reference, tmp_path):
   # 1 -> 2 through launch/slurm.sbatch under a shim of srun that starts its tasks here with the
   # SLURM variables, so that JAX's SLURM auto-detection finds the coordinator and process ids.
