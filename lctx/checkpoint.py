@@ -246,7 +246,7 @@ class Checkpointer:
     of several processes process 0 moves it and the others wait for that."""
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      dest = self.unreadable_directory + f"/{step}"
+      dest = f"{self.unreadable_directory} (by process 0)"
       if jax.process_index() == 0:
         dest = self._move(step, reason)
       multihost_utils.sync_global_devices(f"lctx move aside {step}")

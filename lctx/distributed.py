@@ -4,10 +4,11 @@
 one of several processes: with explicit `--coordinator_address/--num_processes/--process_id`, or
 with `--distributed` (JAX's cluster auto-detection: SLURM, Open MPI, Cloud TPU VMs, GKE; or
 `JAX_COORDINATOR_ADDRESS` and the JAX_* variables). The timeouts are settings: a coordinator
-that never answers fails after `initialization_timeout` seconds, and when a process is lost the
-others stop after about `heartbeat_timeout` seconds (JAX's coordination service ends every
-surviving process with a message naming the lost one). On CPU the processes exchange arrays
-through gloo.
+that never answers fails after `initialization_timeout` seconds. When a process is lost, the
+others stop at once if a collective breaks (gloo's own error, which does not name the lost
+process: the launcher names it), or else after about `heartbeat_timeout` seconds, when JAX's
+coordination service ends them with a message naming the unhealthy process. On CPU the processes
+exchange arrays through gloo.
 
 After start-up every process prints one summary line (process, local devices, global devices)
 and the processes compare their operative configs (`check_same_config`): a process launched with
@@ -17,13 +18,10 @@ other settings is refused by name of the differing bindings, before anything com
 import dataclasses
 import difflib
 import hashlib
-import logging
 import socket
 import time
 
 import numpy as np
-
-log = logging.getLogger("lctx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +138,7 @@ def summary() -> str:
 def _gather_bytes(data: bytes) -> list[bytes]:
   """Every process's `data` (all processes call this with their own)."""
   from jax.experimental import multihost_utils
-  length = np.asarray([len(data)], np.int64)
+  length = np.asarray([len(data)], np.int32)  # int64 would be cut to int32 without x64
   lengths = np.asarray(multihost_utils.process_allgather(length)).reshape(-1)
   padded = np.zeros(int(lengths.max()), np.uint8)
   padded[:len(data)] = np.frombuffer(data, np.uint8)
