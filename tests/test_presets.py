@@ -4,6 +4,7 @@ The full-size SpikingBrain presets are only traced (jax.eval_shape: no parameter
 and their parameter counts are compared with counts written out from the published shapes.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -45,10 +46,27 @@ def test_every_preset_is_listed():
   assert small == set(LAYOUTS) | {"spikingbrain_7b.gin", "spikingbrain_76b.gin"}
 
 
+def _shortest_prefix_with_every_mixer(cfg):
+  """cfg cut to its first n layers, n the fewest that hold every distinct mixer of the preset."""
+  mixers = cfg.layer_mixers()
+  n = max(mixers.index(name) for name in set(mixers)) + 1
+  if len(cfg.mixers) == 1:
+    return dataclasses.replace(cfg, num_layers=n)
+  return dataclasses.replace(cfg, num_layers=n, mixers=cfg.mixers[:n])
+
+
 @pytest.mark.parametrize("preset", sorted(LAYOUTS))
 def test_preset_builds_and_runs_forward(preset):
   cfg = _model_config(preset)
   assert cfg.layer_mixers() == LAYOUTS[preset]
+  # The whole preset is built (traced, no compile); the forward runs on the shortest prefix of
+  # its layers that holds every kind of layer it has (compile time grows with depth).
+  tokens = jnp.zeros((2, 64), jnp.int32)
+  full = jax.eval_shape(lambda x: DecoderLM(cfg).init_with_output(jax.random.key(0), x), tokens)
+  assert full[0].shape == (2, 64, cfg.vocab_size)
+  layers = {name for name in full[1]["params"] if name.startswith("layer_")}
+  assert layers == {f"layer_{i}" for i in range(cfg.num_layers)}, sorted(full[1]["params"])
+  cfg = _shortest_prefix_with_every_mixer(cfg)
   model = DecoderLM(cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
   # Init and forward in one compile.

@@ -33,6 +33,32 @@ def test_presets_overrides_and_errors():
   assert required_length_multiple(SequenceParallelConfig(), 4, (64,)) == 4
 
 
+# The whole-model comparison both harnesses run: loss and gradients of `loss_sums` on a mesh.
+# The sharded runs reuse the single-device reference's parameters (placed on their mesh, no
+# init compiled per case).
+_LOSS_AND_GRADS = """
+  import jax, optax
+  from lctx.state import build
+  from lctx.steps import loss_sums
+  from sharding.mesh import make_mesh
+
+  def loss_and_grads(cfg, mesh_cfg, devices, batch, params=None):
+    \"\"\"(objective / tokens, ce / tokens, gradients on the host, the parameters used).\"\"\"
+    m = build(cfg, make_mesh(mesh_cfg, devices), optax.sgd(0.1))
+    if params is None:
+      params = m.init_state(0)["params"]
+    params = jax.device_put(params, m.state_shardings["params"])
+    fn = jax.value_and_grad(lambda p, b: loss_sums(m.model, p, b), has_aux=True)
+    step = m.jit(fn, in_shardings=(m.state_shardings["params"], m.batch_sharding),
+                 out_shardings=None)
+    gb = {k: jax.device_put(v, m.batch_sharding) for k, v in batch.items()}
+    (objective, sums), grads = step(params, gb)
+    tokens = float(sums["tokens"])
+    return (float(objective) / tokens, float(sums["ce"]) / tokens, jax.device_get(grads),
+            jax.device_get(params))
+"""
+
+
 _HYBRID = """
   import dataclasses, logging, io
   import jax, jax.numpy as jnp, numpy as np
@@ -40,11 +66,8 @@ _HYBRID = """
   from layers.gated_deltanet import GatedDeltaNetConfig
   from layers.linear_mixers import GLAConfig, LightningConfig
   from lctx.config import ModelConfig
-  from lctx.state import build
-  from lctx.steps import loss_sums
-  from sharding.mesh import MeshConfig, make_mesh
+  from sharding.mesh import MeshConfig
   from sharding.sequence import SequenceParallelConfig
-  import optax
 
   stream = io.StringIO()
   handler = logging.StreamHandler(stream)
@@ -62,28 +85,20 @@ _HYBRID = """
   batch = {"tokens": rng.integers(0, 64, (4, T)), "segment_ids": seg, "positions": pos}
   batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
 
-  def loss_and_grads(cfg, mesh_cfg, devices):
-    m = build(cfg, make_mesh(mesh_cfg, devices), optax.sgd(0.1))
-    params = m.init_state(0)["params"]
-    fn = jax.value_and_grad(lambda p, b: loss_sums(m.model, p, b), has_aux=True)
-    step = m.jit(fn, in_shardings=(m.state_shardings["params"], m.batch_sharding),
-                 out_shardings=None)
-    gb = {k: jax.device_put(v, m.batch_sharding) for k, v in batch.items()}
-    (_, sums), grads = step(params, gb)
-    return float(sums["ce"] / sums["tokens"]), jax.device_get(grads)
-
-  references = {}
+  references, params = {}, None
   for sp_kwargs, mesh_cfg, window in CASES:
     options = dict(base.mixer_options)
     options["attention"] = dataclasses.replace(options["attention"], window=window)
     single = dataclasses.replace(base, mixer_options=options)
     if window not in references:
-      references[window] = loss_and_grads(single, MeshConfig(), jax.devices()[:1])
+      _, ref_ce, ref_grads, params = loss_and_grads(single, MeshConfig(), jax.devices()[:1],
+                                                    batch, params)
+      references[window] = ref_ce, ref_grads
     ref_loss, ref_grads = references[window]
     leaves_ref = jax.tree.leaves(ref_grads)
     sp = SequenceParallelConfig(**sp_kwargs)
     cfg = dataclasses.replace(single, sequence_parallel=sp)
-    loss, grads = loss_and_grads(cfg, mesh_cfg, None)
+    _, loss, grads, _ = loss_and_grads(cfg, mesh_cfg, None, batch, params)
     errs = {jax.tree_util.keystr(path): float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
             for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), leaves_ref)}
     worst = max(errs.values())
@@ -115,7 +130,8 @@ def test_hybrid_model_sharded_equals_unsharded():
               (dict(method="zeco", layout="zigzag"), MeshConfig(data=1, seq=4, tensor=2), 20)]"""
   # XLA's own partitioning of this model (method none) on these meshes differs from one device
   # by up to 3e-5 in the embedding and early MLP gradients.
-  out = run_with_devices(_HYBRID.replace("BASE", _GLA_HYBRID).replace("CASES", cases)
+  out = run_with_devices(_LOSS_AND_GRADS + _HYBRID.replace("BASE", _GLA_HYBRID)
+                         .replace("CASES", cases)
                          .replace("GRAD_TOL", "5e-5"))
   assert out.count("match") == 4, out
   for line in ("softmax attention: sequence-parallel ring over 4 ranks, zigzag layout",
@@ -142,7 +158,7 @@ def test_gated_deltanet_hybrid_sharded_equals_unsharded():
   # although the ops agree to 3e-7: the output RMSNorm rescales heads whose o is near zero
   # (o = beta (k.q) v at a document's first token), and their rounding with them. A wrong halo
   # or state moves the loss and whole leaves by O(1).
-  out = run_with_devices(_HYBRID.replace("BASE", base).replace("CASES", cases)
+  out = run_with_devices(_LOSS_AND_GRADS + _HYBRID.replace("BASE", base).replace("CASES", cases)
                          .replace("GRAD_TOL", "2e-4"))
   assert out.count("match") == 2, out
   for line in ("delta rule: sequence-parallel lasp2 over 4 ranks, zigzag layout",
@@ -182,11 +198,9 @@ def test_length_not_divisible_is_a_clear_error(tmp_path):
 
 _PRESET_76B = """
   import dataclasses
-  import jax, numpy as np, optax
+  import jax, numpy as np
   from experiments.run import load_configs
-  from lctx.state import build
-  from lctx.steps import loss_sums
-  from sharding.mesh import MeshConfig, make_mesh
+  from sharding.mesh import MeshConfig
   from sharding.sequence import SequenceParallelConfig
 
   # The SpikingBrain-76B-style preset (parallel GLA + SWA / GLA + attention branches, sink tokens
@@ -203,19 +217,10 @@ _PRESET_76B = """
            "positions": np.broadcast_to(np.arange(T), (2, T))}
   batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
 
-  def loss_and_grads(cfg, mesh_cfg, devices):
-    m = build(cfg, make_mesh(mesh_cfg, devices), optax.sgd(0.1))
-    fn = jax.value_and_grad(lambda p, b: loss_sums(m.model, p, b), has_aux=True)
-    step = m.jit(fn, in_shardings=(m.state_shardings["params"], m.batch_sharding),
-                 out_shardings=None)
-    gb = {k: jax.device_put(v, m.batch_sharding) for k, v in batch.items()}
-    (objective, sums), grads = step(m.init_state(0)["params"], gb)
-    return float(objective / sums["tokens"]), jax.device_get(grads)
-
-  ref_loss, ref_grads = loss_and_grads(cfg, MeshConfig(), jax.devices()[:1])
+  ref_loss, _, ref_grads, params = loss_and_grads(cfg, MeshConfig(), jax.devices()[:1], batch)
   sp = SequenceParallelConfig(method="zeco", layout="zigzag")
-  loss, grads = loss_and_grads(dataclasses.replace(cfg, sequence_parallel=sp),
-                               MeshConfig(data=2, seq=4), None)
+  loss, _, grads, _ = loss_and_grads(dataclasses.replace(cfg, sequence_parallel=sp),
+                                     MeshConfig(data=2, seq=4), None, batch, params)
   errs = {jax.tree_util.keystr(path): float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
           for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads),
                                   jax.tree.leaves(ref_grads))}
@@ -228,5 +233,5 @@ _PRESET_76B = """
 
 
 def test_76b_preset_with_sink_tokens_and_moe_sharded_equals_unsharded():
-  out = run_with_devices(_PRESET_76B)
+  out = run_with_devices(_LOSS_AND_GRADS + _PRESET_76B)
   assert "match" in out, out
