@@ -151,7 +151,7 @@ def bench_decode(contexts, repeats):
     model = DecoderLM(ModelConfig(vocab_size=256, d_model=256, num_layers=4, d_ff=768,
                                   mixers=mixers, mixer_options=opts))
     tok = jnp.zeros((1, 1), jnp.int32)
-    params = model.init(jax.random.key(0), tok)["params"]
+    params = jax.jit(lambda key, x: model.init(key, x)["params"])(jax.random.key(0), tok)
 
     @jax.jit
     def step(cache, pos):

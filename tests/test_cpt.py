@@ -16,6 +16,7 @@ from experiments.run import main as run_main
 from lctx.convert import hf
 from lctx.model import DecoderLM
 from tests import cli
+from tests.models import init_params
 
 MODEL = "gin/models/tiny.gin"
 
@@ -60,7 +61,7 @@ def base(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("cpt")
   cfg = load_configs([MODEL], ["ModelConfig.d_model = 32", "ModelConfig.num_layers = 2",
                                "ModelConfig.d_ff = 64"])["model"]
-  params = nn.unbox(DecoderLM(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+  params = nn.unbox(init_params(DecoderLM(cfg), jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
   hf.save_pretrained(str(tmp / "hf"), cfg, params)
   imported = str(tmp / "imported")
   code, _, err = cli.call(convert.main, [f"--from_hf={tmp / 'hf'}", f"--workdir={imported}"])

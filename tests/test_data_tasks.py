@@ -11,6 +11,7 @@ from lctx.data.config import TaskConfig
 from lctx.data.tasks import answer_tokens
 from lctx.evals import synthetic
 from lctx.evals.tasks import make_example
+from tests.models import init_params
 
 TOK = ByteTokenizer()
 MQAR = DataConfig(source="task:mqar", seq_len=64, batch_size=4, task=TaskConfig(pairs=4))
@@ -101,7 +102,7 @@ def test_task_loss_is_the_weighted_cross_entropy():
   from lctx.steps import loss_sums
 
   model = DecoderLM(ModelConfig(d_model=16, num_layers=1, d_ff=32))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   batch = data_lib.eval_batches(MQAR, TOK, 1)[0]
   _, sums = loss_sums(model, params, batch)
   logp = jax.nn.log_softmax(model.apply({"params": params}, batch["tokens"]), -1)

@@ -12,6 +12,7 @@ from lctx.data.tokenizers import ByteTokenizer
 from lctx.evals import doc_loss
 from lctx.evals.doc_loss import DocLossConfig
 from lctx.model import DecoderLM
+from tests.models import init_params
 
 TOK = ByteTokenizer()
 
@@ -58,7 +59,7 @@ def test_errors_name_the_setting():
 
 def test_position_losses_count_positions_from_the_document_start():
   model = DecoderLM(ModelConfig(d_model=32, num_layers=1, d_ff=64))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   doc = np.random.default_rng(0).integers(0, 256, (1, 41), dtype=np.int32)
   got = np.asarray(doc_loss.position_losses(model, params, jnp.asarray(doc)))
   logits = model.apply({"params": params}, jnp.asarray(doc[:, :-1]),

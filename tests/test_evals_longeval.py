@@ -12,6 +12,7 @@ from lctx.data.tokenizers import ByteTokenizer
 from lctx.evals import longeval
 from lctx.evals.longeval import LongEvalConfig
 from lctx.model import DecoderLM
+from tests.models import init_params
 
 TOK = ByteTokenizer()
 
@@ -19,7 +20,7 @@ TOK = ByteTokenizer()
 @pytest.fixture(scope="module")
 def tiny():
   model = DecoderLM(ModelConfig(d_model=32, num_layers=1, d_ff=64))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   return model, params
 
 

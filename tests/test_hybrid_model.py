@@ -22,6 +22,7 @@ from lctx.generate import generate, greedy_by_recompute
 from lctx.model import DecoderLM
 from lctx.patterns import LayerPattern
 from lctx.steps import loss_sums, make_train_step
+from tests.models import init_params
 
 HIGHEST = jax.default_matmul_precision("highest")
 
@@ -86,7 +87,7 @@ def _hybrid_config(**moe):
 
 def test_cached_decoding_of_the_spiking_moe_hybrid_equals_recompute():
   model = DecoderLM(_hybrid_config())
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   params = jax.tree.map(lambda p: p * 3.0, params)  # sharpen so greedy choices are not near-ties
   prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, 256)
   with HIGHEST:
@@ -103,7 +104,7 @@ def test_moe_balance_loss_enters_the_objective_and_the_metrics():
   seg = jnp.ones((2, 32), jnp.int32).at[1, 20:].set(0)  # padding: no loss, no balance term
   batch = {"tokens": tokens, "positions": jnp.broadcast_to(jnp.arange(32), (2, 32)),
            "segment_ids": seg}
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = init_params(model, jax.random.key(0), tokens)
   # One compile for both: the objective and the layers' sown balance terms.
   (objective, sums), (_, inter) = jax.jit(lambda p, b: (
       loss_sums(model, p, b), model.apply({"params": p}, tokens, b["positions"], seg,
@@ -125,9 +126,10 @@ def test_spiking_changes_the_model_but_not_its_parameters():
   cfg = _hybrid_config()
   dense = dataclasses.replace(cfg, spiking=SpikeConfig())
   tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, 256)
-  params = DecoderLM(cfg).init(jax.random.key(0), tokens)["params"]
+  params = init_params(DecoderLM(cfg), jax.random.key(0), tokens)
   assert (jax.tree.structure(params)
-          == jax.tree.structure(DecoderLM(dense).init(jax.random.key(0), tokens)["params"]))
+          == jax.tree.structure(jax.eval_shape(
+              lambda: DecoderLM(dense).init(jax.random.key(0), tokens)["params"])))
   a = jax.jit(DecoderLM(cfg).apply)({"params": params}, tokens)
   b = jax.jit(DecoderLM(dense).apply)({"params": params}, tokens)
   assert np.isfinite(np.asarray(a)).all() and not np.allclose(a, b, atol=1e-3)

@@ -12,6 +12,7 @@ from lctx.config import ModelConfig
 from lctx.generate import generate, greedy_by_recompute
 from lctx.model import DecoderLM
 from layers.registry import get_mixer
+from tests.models import init_params
 
 MIXERS = ("linear", "lightning", "gla", "gated_deltanet", "kda")
 
@@ -50,7 +51,7 @@ def test_config_errors_name_the_field(field, value, message):
 def test_cached_decoding_equals_recompute(mixer, options):
   model = tiny_model(mixer, **options)
   prompt = jax.random.randint(jax.random.key(0), (2, 7), 0, 32)
-  params = model.init(jax.random.key(1), prompt)["params"]
+  params = init_params(model, jax.random.key(1), prompt)
   cached = generate(model, params, prompt, jax.random.key(2), max_new_tokens=6)
   np.testing.assert_array_equal(cached, greedy_by_recompute(model, params, prompt, 6))
 
@@ -61,7 +62,7 @@ def test_model_with_each_mixer_trains(mixer):
   rng = np.random.default_rng(0)
   pattern = rng.integers(0, 32, 8)
   tokens = jnp.asarray(np.tile(pattern, (4, 5)))  # a repeating sequence is learnable
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = init_params(model, jax.random.key(0), tokens)
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
 
@@ -94,7 +95,7 @@ def test_gla_gate_per_kv_head_is_the_query_gate_repeated_over_each_group():
                                     mixer_options={"gla": GLAConfig(num_heads=4, num_kv_heads=2,
                                                                     chunk_size=16)}))
   tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 32)
-  params = nn.unbox(shared.init(jax.random.key(0), tokens)["params"])
+  params = nn.unbox(init_params(shared, jax.random.key(0), tokens))
   mixer = dict(params["layer_0"]["mixer"])
   assert mixer["gate_up"].shape == (16, 2, 8) and mixer["gate_bias"].shape == (2, 8)
   mixer["gate_bias"] = jax.random.normal(jax.random.key(2), (2, 8))

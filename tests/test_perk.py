@@ -19,6 +19,7 @@ from layers.linear_mixers import GLAConfig
 from lctx.config import ModelConfig
 from lctx.model import DecoderLM, abstract_params
 from lctx.ttt import perk
+from tests.models import init_params
 
 V, E, F = 13, 6, 10
 
@@ -185,7 +186,7 @@ def test_the_inner_loop_adapts_a_decoder(caplog):
   # The second-order meta-gradient through a decoder (one layer: its compile is the cost).
   cfg = dataclasses.replace(cfg, num_layers=1, mixers=("attention",))
   model = perk.differentiable_model(DecoderLM(cfg), pk)
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  params = nn.unbox(init_params(model, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   meta = perk.init_meta(cfg, abstract_params(cfg), pk)
   assert sorted(meta["lora"]) == [f"layer_0.{m}" for m in ("mixer.o", "mixer.q", "mixer.v",
                                                           "mlp.down")]

@@ -17,6 +17,7 @@ from lctx.generate import generate
 from lctx.model import DecoderLM
 from lctx.ttt import qttt
 from sharding.sequence import SequenceParallelConfig
+from tests.models import init_params
 
 OPTIONS = {"attention": AttentionConfig(num_heads=4, num_kv_heads=2),
            "swa": SlidingWindowConfig(num_heads=2, window=7),
@@ -30,7 +31,7 @@ def _model(mixers, **kw):
                                                          if any(k in m for m in mixers)}, **kw)
   model = DecoderLM(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 45), 0, cfg.vocab_size)
-  return model, nn.unbox(model.init(jax.random.key(0), tokens)["params"]), tokens
+  return model, nn.unbox(init_params(model, jax.random.key(0), tokens)), tokens
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,14 @@ from layers.moe import MoEConfig, upcycle_scale
 from lctx.config import ModelConfig
 from lctx.model import DecoderLM
 from lctx.upcycle import upcycle_model_params
+from tests.models import init_params
 
 
 def test_upcycled_params_fit_the_moe_model_and_scale_the_dense_ffn():
   dense_cfg = ModelConfig(d_model=16, num_layers=3, d_ff=24)
   moe = MoEConfig(enabled=True, num_experts=4, top_k=1, num_shared_experts=1, dense_layers=(0,))
   tokens = jnp.zeros((1, 8), jnp.int32)
-  dense = nn.unbox(DecoderLM(dense_cfg).init(jax.random.key(0), tokens)["params"])
+  dense = nn.unbox(init_params(DecoderLM(dense_cfg), jax.random.key(0), tokens))
   moe_model = DecoderLM(dataclasses.replace(dense_cfg, moe=moe))
   expected = jax.eval_shape(lambda: nn.unbox(moe_model.init(jax.random.key(0), tokens)["params"]))
   up = upcycle_model_params(dense, moe)
