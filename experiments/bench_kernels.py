@@ -138,7 +138,7 @@ def bench_decode(contexts, repeats):
   from layers.attention import AttentionConfig
   from lctx.config import ModelConfig
   from lctx.generate import init_cache
-  from lctx.model import DecoderLM
+  from lctx.model import DecoderLM, init_params
 
   models = {
       "gla": ("gla",),
@@ -151,7 +151,7 @@ def bench_decode(contexts, repeats):
     model = DecoderLM(ModelConfig(vocab_size=256, d_model=256, num_layers=4, d_ff=768,
                                   mixers=mixers, mixer_options=opts))
     tok = jnp.zeros((1, 1), jnp.int32)
-    params = jax.jit(lambda key, x: model.init(key, x)["params"])(jax.random.key(0), tok)
+    params = init_params(model, jax.random.key(0), tok)
 
     @jax.jit
     def step(cache, pos):

@@ -14,9 +14,8 @@ from experiments import convert
 from experiments.run import load_configs
 from experiments.run import main as run_main
 from lctx.convert import hf
-from lctx.model import DecoderLM
+from lctx.model import DecoderLM, init_params
 from tests import cli
-from tests.models import init_params
 
 MODEL = "gin/models/tiny.gin"
 

@@ -11,7 +11,7 @@ from lctx.data.config import TaskConfig
 from lctx.data.tasks import answer_tokens
 from lctx.evals import synthetic
 from lctx.evals.tasks import make_example
-from tests.models import init_params
+from lctx.model import init_params
 
 TOK = ByteTokenizer()
 MQAR = DataConfig(source="task:mqar", seq_len=64, batch_size=4, task=TaskConfig(pairs=4))

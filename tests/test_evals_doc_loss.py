@@ -11,8 +11,7 @@ from lctx.data import DataConfig
 from lctx.data.tokenizers import ByteTokenizer
 from lctx.evals import doc_loss
 from lctx.evals.doc_loss import DocLossConfig
-from lctx.model import DecoderLM
-from tests.models import init_params
+from lctx.model import DecoderLM, init_params
 
 TOK = ByteTokenizer()
 

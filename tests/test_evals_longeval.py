@@ -11,8 +11,7 @@ from lctx.config import ModelConfig
 from lctx.data.tokenizers import ByteTokenizer
 from lctx.evals import longeval
 from lctx.evals.longeval import LongEvalConfig
-from lctx.model import DecoderLM
-from tests.models import init_params
+from lctx.model import DecoderLM, init_params
 
 TOK = ByteTokenizer()
 

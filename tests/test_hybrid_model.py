@@ -19,10 +19,9 @@ from layers.quant import fake_quant_int8_grouped
 from layers.spiking import SpikeConfig, adaptive_spike
 from lctx.config import ModelConfig
 from lctx.generate import generate, greedy_by_recompute
-from lctx.model import DecoderLM
+from lctx.model import DecoderLM, init_params
 from lctx.patterns import LayerPattern
 from lctx.steps import loss_sums, make_train_step
-from tests.models import init_params
 
 HIGHEST = jax.default_matmul_precision("highest")
 

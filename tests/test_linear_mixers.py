@@ -10,9 +10,8 @@ import pytest
 from layers.linear_mixers import GLAConfig, LinearAttentionConfig, lightning_log_decay
 from lctx.config import ModelConfig
 from lctx.generate import generate, greedy_by_recompute
-from lctx.model import DecoderLM
+from lctx.model import DecoderLM, init_params
 from layers.registry import get_mixer
-from tests.models import init_params
 
 MIXERS = ("linear", "lightning", "gla", "gated_deltanet", "kda")
 

@@ -17,9 +17,8 @@ import pytest
 from layers.attention import AttentionConfig
 from layers.linear_mixers import GLAConfig
 from lctx.config import ModelConfig
-from lctx.model import DecoderLM, abstract_params
+from lctx.model import DecoderLM, abstract_params, init_params
 from lctx.ttt import perk
-from tests.models import init_params
 
 V, E, F = 13, 6, 10
 

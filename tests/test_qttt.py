@@ -14,10 +14,9 @@ from layers.linear_mixers import GLAConfig, LightningConfig
 from lctx import flops
 from lctx.config import ModelConfig
 from lctx.generate import generate
-from lctx.model import DecoderLM
+from lctx.model import DecoderLM, init_params
 from lctx.ttt import qttt
 from sharding.sequence import SequenceParallelConfig
-from tests.models import init_params
 
 OPTIONS = {"attention": AttentionConfig(num_heads=4, num_kv_heads=2),
            "swa": SlidingWindowConfig(num_heads=2, window=7),

@@ -10,9 +10,8 @@ import pytest
 
 from layers.moe import MoEConfig, upcycle_scale
 from lctx.config import ModelConfig
-from lctx.model import DecoderLM
+from lctx.model import DecoderLM, init_params
 from lctx.upcycle import upcycle_model_params
-from tests.models import init_params
 
 
 def test_upcycled_params_fit_the_moe_model_and_scale_the_dense_ffn():

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lctx.model import init_params
 from lctx.optim import OptimizerConfig, make_optimizer
 from lctx.steps import make_eval_step, make_train_step
 
@@ -35,9 +36,7 @@ def train_at_rates(model, train: dict[str, np.ndarray], *, lrs, batch_size: int,
                                                   weight_decay=weight_decay, b2=0.99,
                                                   clip_norm=1.0), steps)
   tx = optax.chain(base, optax.inject_hyperparams(optax.scale)(step_size=1.0))
-  # Jitted: an eager init runs the whole forward op by op.
-  params = jax.jit(lambda key, x: model.init(key, x)["params"])(
-      jax.random.key(seed), jnp.asarray(train["tokens"][:1]))
+  params = init_params(model, jax.random.key(seed), jnp.asarray(train["tokens"][:1]))
 
   def init(lr):
     opt_state = tx.init(params)
